@@ -238,7 +238,7 @@ def _row_states(seed: int, layer_id: int, coords: tuple[np.ndarray, ...]) -> np.
         shape = [1] * len(lead)
         shape[axis] = c.size
         h = V.hash64_np(h ^ V.hash64_np(c.reshape(shape)))
-    return np.ascontiguousarray(np.broadcast_to(h, tuple(c.size for c in lead)).reshape(-1))
+    return np.broadcast_to(h, tuple(c.size for c in lead)).reshape(-1).copy()
 
 
 def _standard_normal(
@@ -300,10 +300,13 @@ def _float64_values(spec: TensorInit, coords: tuple[np.ndarray, ...], backend: s
         if spec.orthogonal:
             # Rescale the orthogonal matrix so its element std equals the scheme's target std:
             # a semi-orthogonal (r, c) matrix has element variance 1 / max(r, c).
-            if draw.kind != "normal" and draw.kind != "uniform":
+            if draw.kind == "orthogonal":
+                gain = draw.gain
+            elif draw.kind not in ("normal", "uniform"):
                 raise ValueError(f"orthogonal=True needs a random scheme, not '{spec.scheme}'")
-            n = max(spec.shape[0], math.prod(spec.shape[1:]))
-            gain = schemes.target_std(draw) * math.sqrt(n)
+            else:
+                n = max(spec.shape[0], math.prod(spec.shape[1:]))
+                gain = schemes.target_std(draw) * math.sqrt(n)
         else:
             gain = draw.gain
         whole = _orthogonal(spec, gain)
@@ -379,6 +382,8 @@ def generate_tensor(
     """
     tdt = _torch_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cpu" and backend in ("numba", "numpy"):  # CPU kernels, then move
+        return generate_tensor(spec, index, dtype=dtype, backend=backend).to(device)
     backend = resolve_backend(backend, device)
     draw = spec.draw
     simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0

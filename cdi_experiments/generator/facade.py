@@ -177,7 +177,7 @@ class DeterministicNoiseGenerator:
     ) -> torch.Tensor:
         """:meth:`init_matrix` as a torch tensor on ``device`` (CUDA generates on the GPU)."""
         spec = self.spec(layer_id, shape, mode, **kwargs)
-        return generate_tensor(spec, index, dtype=dtype, device=device)
+        return generate_tensor(spec, index, dtype=dtype, device=device, backend=self.backend)
 
     def init_conv_kernel(
         self,

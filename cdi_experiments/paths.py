@@ -1,0 +1,87 @@
+"""Every file a run writes, named in one place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+METRICS_CSV = "metrics.csv"
+PRUNE_CSV = "prune_results.csv"
+LAYERS_CSV = "layer_changes.csv"
+DELTA_HIST_CSV = "delta_histograms.csv"
+RUN_INFO_JSON = "run_info.json"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+FIGURE_DIR = "figures"
+WANDB_DIR = "wandb"
+DONE_MARKER = "DONE"
+
+
+class RunPaths:
+    """Paths inside one run directory (Hydra's ``hydra.run.dir`` or a sweep job's dir)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_CSV
+
+    @property
+    def prune(self) -> Path:
+        return self.root / PRUNE_CSV
+
+    @property
+    def layers(self) -> Path:
+        return self.root / LAYERS_CSV
+
+    @property
+    def delta_hist(self) -> Path:
+        return self.root / DELTA_HIST_CSV
+
+    @property
+    def run_info(self) -> Path:
+        return self.root / RUN_INFO_JSON
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.checkpoints / LAST_CKPT
+
+    @property
+    def figures(self) -> Path:
+        return self.root / FIGURE_DIR
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / WANDB_DIR
+
+    @property
+    def done(self) -> Path:
+        return self.root / DONE_MARKER
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename,
+    so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:
+    """:func:`atomic_write_text` for a DataFrame (no index column)."""
+    atomic_write_text(path, df.to_csv(index=False))

@@ -1,0 +1,220 @@
+"""The prune-and-evaluate stage (end of ``cdi-train``) and the standalone ``cdi-prune``.
+
+``cdi-prune CKPT`` reloads a ``cdi-train`` checkpoint, regenerates the initial weights from
+the identity stored in it (no copy of them is stored anywhere) and runs the same comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cdi_experiments.paths import RunPaths, atomic_write_csv
+from cdi_experiments.torch_init import InitPlan
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer a config names (same mapping as the LightningModule's)."""
+    from cdi_experiments.lit_module import build_optimizer
+
+    return build_optimizer(params, cfg)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader) -> float:
+    """Top-1 accuracy of ``model`` over ``loader`` (eval mode, exact count)."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += int(y.numel())
+    model.train(was)
+    return correct / max(1, total)
+
+
+def train_epochs(
+    model: nn.Module, dm, optimizer_cfg: dict[str, Any], epochs: int, seed: int
+) -> None:
+    """Plain training loop (used for fine-tuning pruned copies and lottery-ticket retraining).
+
+    The data order is the datamodule's (a function of seed and epoch), so it is reproducible.
+    """
+    if epochs <= 0:
+        return
+    torch.manual_seed(seed)
+    opt = make_optimizer(model.parameters(), optimizer_cfg)
+    loader = dm.train_dataloader()
+    model.train()
+    for epoch in range(epochs):
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+def run_prune_stage(
+    model: nn.Module, plan: InitPlan, dm, cfg: DictConfig, paths: RunPaths, loggers=()
+) -> pd.DataFrame:
+    """Compare pruning criteria on ``model``; write the table (CSV), log it, print it."""
+    from cdi_experiments.pruning import format_table, prune_and_evaluate
+
+    p = OmegaConf.to_container(cfg.prune, resolve=True)
+    opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    seed = int(cfg.seed)
+    if getattr(dm, "_test", None) is None and hasattr(dm, "setup"):
+        dm.setup("test")
+    test_loader = dm.test_dataloader()
+    if getattr(dm, "_train", None) is None and hasattr(dm, "setup"):
+        dm.setup("fit")
+
+    def evaluate(m: nn.Module) -> float:
+        return accuracy(m, test_loader)
+
+    finetune = None
+    if p.get("finetune_epochs", 0) > 0:
+
+        def finetune(m: nn.Module) -> None:
+            train_epochs(m, dm, opt_cfg, p["finetune_epochs"], seed)
+
+    retrain = None
+    if p.get("rewind", False):
+
+        def retrain(m: nn.Module) -> None:
+            train_epochs(m, dm, opt_cfg, p.get("retrain_epochs", 1), seed)
+
+    df = prune_and_evaluate(
+        copy.deepcopy(model).cpu(),
+        plan,
+        evaluate,
+        threshold=float(p["threshold"]),
+        criteria=tuple(p["criteria"]),
+        sparsities=tuple(p.get("sparsities") or ()),
+        finetune_fn=finetune,
+        retrain_fn=retrain,
+        seed=seed,
+    )
+    atomic_write_csv(paths.prune, df)
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            lg.log_table(key="prune/results", dataframe=df)
+            lg.experiment.summary.update(
+                {f"prune/{r.criterion}/{r.target}/acc_after": r.acc_after for r in df.itertuples()}
+            )
+    print(format_table(df))
+    return df
+
+
+# ----------------------------------------------------------------------------- cdi-prune
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"cdi-prune: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_run(ckpt: Path) -> tuple[nn.Module, InitPlan, DictConfig]:
+    """Model, init plan and config from a ``cdi-train`` checkpoint (weights_only load)."""
+    from cdi_experiments.lit_module import Classifier
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cb_state = next(
+        (
+            v
+            for k, v in state.get("callbacks", {}).items()
+            if k.startswith("DeterministicInitCallback")
+        ),
+        None,
+    )
+    if cb_state is None or not cb_state.get("plan"):
+        raise ValueError(
+            f"{ckpt}: no deterministic-init state in this checkpoint; was it written by cdi-train?"
+        )
+    run_info = ckpt.resolve().parent.parent / "run_info.json"
+    hydra_cfg = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
+    if hydra_cfg.exists():
+        cfg = OmegaConf.load(hydra_cfg)
+    elif run_info.exists():
+        cfg = OmegaConf.create(json.loads(run_info.read_text())["config"])
+    else:
+        raise ValueError(
+            f"{ckpt}: cannot find the run's config (.hydra/config.yaml or run_info.json) beside checkpoints/"
+        )
+    lit = Classifier.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    return lit.model, InitPlan.from_dict(cb_state["plan"]), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _OneLineParser(
+        prog="cdi-prune", description="Prune a cdi-train checkpoint and compare criteria."
+    )
+    parser.add_argument("checkpoint", type=Path, help="a cdi-train checkpoint (.ckpt)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="sleeping threshold (default: the run's)"
+    )
+    parser.add_argument(
+        "--criteria", default=None, help="comma-separated criteria (default: the run's)"
+    )
+    parser.add_argument("--sparsities", default=None, help="comma-separated target sparsities")
+    parser.add_argument("--finetune-epochs", type=int, default=None)
+    parser.add_argument(
+        "--rewind", action="store_true", help="also rewind survivors to w0 and retrain"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: the run directory)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if not args.checkpoint.is_file():
+            raise ValueError(
+                f"checkpoint {args.checkpoint} does not exist; pass a .ckpt from <run>/checkpoints/"
+            )
+        model, plan, cfg = load_run(args.checkpoint)
+        overrides = {}
+        if args.threshold is not None:
+            overrides["threshold"] = args.threshold
+        if args.criteria:
+            overrides["criteria"] = args.criteria.split(",")
+        if args.sparsities:
+            overrides["sparsities"] = [float(s) for s in args.sparsities.split(",")]
+        if args.finetune_epochs is not None:
+            overrides["finetune_epochs"] = args.finetune_epochs
+        if args.rewind:
+            overrides["rewind"] = True
+        cfg = OmegaConf.merge(cfg, {"prune": {**overrides, "enabled": True}})
+        from cdi_experiments.config_check import check_config
+        from cdi_experiments.train import build_datamodule
+
+        check_config(cfg)
+        out = RunPaths(args.out or args.checkpoint.resolve().parent.parent)
+        out.root.mkdir(parents=True, exist_ok=True)
+        dm = build_datamodule(cfg)
+        run_prune_stage(model, plan, dm, cfg, out)
+        print(f"prune table: {out.prune}")
+    except ValueError as exc:
+        print(f"cdi-prune: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
