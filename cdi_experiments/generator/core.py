@@ -69,6 +69,8 @@ def check_shape(shape: Any) -> tuple[int, ...]:
 
 def check_threshold(threshold: Any) -> float:
     """A finite, non-negative number; 0 means 'exactly unchanged'."""
+    if isinstance(threshold, (str, bytes, bool)):
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
     try:
         t = float(threshold)
     except (TypeError, ValueError):
@@ -221,7 +223,12 @@ def _normalize_index(index: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, ..
         if isinstance(sel, slice):
             c = np.arange(n, dtype=np.int64)[sel]
         else:
-            c = np.atleast_1d(np.asarray(sel, dtype=np.int64))
+            arr = np.asarray(sel)
+            if arr.dtype == bool:
+                raise ValueError(
+                    f"boolean masks are not supported as an index (axis {axis}); pass np.flatnonzero(mask)"
+                )
+            c = np.atleast_1d(arr.astype(np.int64))
             if c.ndim != 1 or (c.size and (c.min() < 0 or c.max() >= n)):
                 raise ValueError(f"index on axis {axis} must lie in [0, {n}), got {sel!r}")
         if c.size == 0:
@@ -388,17 +395,12 @@ def generate_tensor(
     draw = spec.draw
     simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
     if backend != "torch" or not simple or draw.kind not in ("normal", "uniform"):
-        if tdt == torch.bfloat16:
-            vals = torch.from_numpy(
-                generate(
-                    spec, index, dtype=np.float64, backend=None if backend == "torch" else backend
-                )
-            )
-            return vals.to(device=device, dtype=tdt)
+        cpu_backend = backend if backend != "torch" else ("numba" if _nk is not None else "numpy")
+        if tdt == torch.bfloat16:  # numpy has no bfloat16: float64 -> round-to-odd float32 -> bf16
+            vals = generate(spec, index, dtype=np.float64, backend=cpu_backend)
+            return torch.from_numpy(round_to_odd_f32(vals)).to(device=device, dtype=tdt)
         np_dt = _np_dtype(tdt)
-        return torch.from_numpy(
-            generate(spec, index, dtype=np_dt, backend=None if backend == "torch" else backend)
-        ).to(device)
+        return torch.from_numpy(generate(spec, index, dtype=np_dt, backend=cpu_backend)).to(device)
     coords = _normalize_index(index, spec.shape)
     rows = torch.from_numpy(_row_states(spec.seed, spec.layer_id, coords).view(np.int64)).to(device)
     col_h = torch.from_numpy(V.hash64_np(coords[-1]).view(np.int64)).to(device)
@@ -410,8 +412,32 @@ def generate_tensor(
             vals = V.gaussian_from_state_torch(h) * draw.std
         else:
             vals = draw.low + (draw.high - draw.low) * V.uniform_from_state_torch(h)
+        if tdt in (torch.float16, torch.bfloat16):  # round once: via round-to-odd float32
+            vals = round_to_odd_f32(vals)
         out[a : a + step] = vals.to(tdt)
     return out.reshape(tuple(c.size for c in coords))
+
+
+def round_to_odd_f32(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """float64 -> float32 rounded to odd (truncate, then set the last bit if inexact).
+
+    A later round-to-nearest into a format with at least two fewer significand bits (float16,
+    bfloat16) then equals rounding the float64 directly: torch's float64 -> bfloat16/float16
+    conversions go through float32 and would otherwise round twice (Boldo & Melquiond 2008).
+    """
+    if isinstance(x, torch.Tensor):
+        y = x.to(torch.float32)
+        back = y.to(torch.float64)
+        over = back.abs() > x.abs()
+        bits = y.view(torch.int32) - over.to(torch.int32)  # step toward zero where RN overshot
+        inexact = back != x
+        bits = torch.where(inexact, bits | 1, bits)
+        return bits.view(torch.float32)
+    y = x.astype(np.float32)
+    back = y.astype(np.float64)
+    bits = y.view(np.int32) - (np.abs(back) > np.abs(x)).astype(np.int32)
+    bits = np.where(back != x, bits | 1, bits).astype(np.int32)
+    return bits.view(np.float32)
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -430,7 +456,10 @@ def _as_numpy(weights: Any) -> np.ndarray:
 
 
 def iter_deltas(
-    weights: Any, spec: TensorInit, chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    weights: Any,
+    spec: TensorInit,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    backend: str | None = None,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """Yield ``(rows, |w - w0|)`` in float64 over blocks of leading-axis rows.
 
@@ -453,7 +482,7 @@ def iter_deltas(
     step = max(1, chunk_elems // row_elems)
     for a in range(0, spec.shape[0], step):
         rows = slice(a, min(a + step, spec.shape[0]))
-        w0 = generate(spec, (rows,), dtype=w.dtype)
+        w0 = generate(spec, (rows,), dtype=w.dtype, backend=backend)
         yield rows, np.abs(w[rows].astype(np.float64) - w0.astype(np.float64))
 
 

@@ -233,7 +233,7 @@ class DeterministicNoiseGenerator:
             else tuple(weights.shape)
         )
         spec = self.spec(layer_id, shape, mode, **kwargs)
-        return iter_deltas(weights, spec, chunk_elems)
+        return iter_deltas(weights, spec, chunk_elems, backend=self.backend)
 
     def analyze_weight_matrix(
         self,
