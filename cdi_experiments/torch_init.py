@@ -439,10 +439,66 @@ class DeltaStats:
 
 def _source_tensors(source: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     if isinstance(source, nn.Module):
-        return dict(source.named_parameters())
+        return _ModuleTensors(source)
     if isinstance(source, Mapping):
-        return source
+        return _StateTensors(source)
     raise ValueError(f"analyze needs an nn.Module or a state dict, got {type(source).__name__}")
+
+
+class _ModuleTensors(Mapping):
+    """A module's tensors by parameter name; a pruned parameter (torch.nn.utils.prune keeps
+    ``<name>_orig`` and ``<name>_mask``) resolves to its effective, masked value."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        mod_name, _, local = name.rpartition(".")
+        try:
+            sub = self.module.get_submodule(mod_name) if mod_name else self.module
+            value = getattr(sub, local)
+        except AttributeError:
+            raise KeyError(name) from None
+        if not isinstance(value, torch.Tensor):
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[name]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self):
+        return (n for n, _ in self.module.named_parameters())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.module.named_parameters())
+
+
+class _StateTensors(Mapping):
+    """A state dict by parameter name, resolving pruned ``<name>_orig * <name>_mask`` pairs."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.state:
+            return self.state[name]
+        orig, mask = self.state.get(f"{name}_orig"), self.state.get(f"{name}_mask")
+        if orig is None or mask is None:
+            raise KeyError(name)
+        return orig * mask
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.state or (f"{name}_orig" in self.state and f"{name}_mask" in self.state)
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
 
 
 def param_deltas(
@@ -550,10 +606,12 @@ def rewind(
     module: nn.Module, plan: InitPlan, masks: Mapping[str, torch.Tensor] | None = None
 ) -> None:
     """Reset parameters to their regenerated initial values (only where ``masks`` is True)."""
-    params = dict(module.named_parameters())
+    tensors = _ModuleTensors(module)
     with torch.no_grad():
         for name in plan.names():
-            p = params[name]
+            # a pruned parameter's trainable tensor is <name>_orig; its mask is re-applied by
+            # torch's pruning hook on the next forward
+            p = tensors[f"{name}_orig"] if f"{name}_orig" in tensors else tensors[name]
             w0 = plan.initial(name, p.dtype, p.device)
             if masks is None or name not in masks:
                 p.copy_(w0)
