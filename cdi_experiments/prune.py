@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,11 +80,10 @@ def run_prune_stage(
     p = OmegaConf.to_container(cfg.prune, resolve=True)
     opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
     seed = int(cfg.seed)
-    if getattr(dm, "_test", None) is None and hasattr(dm, "setup"):
+    if hasattr(dm, "setup"):  # idempotent: the data is decoded once
+        dm.setup("fit")
         dm.setup("test")
     test_loader = dm.test_dataloader()
-    if getattr(dm, "_train", None) is None and hasattr(dm, "setup"):
-        dm.setup("fit")
 
     def evaluate(m: nn.Module) -> float:
         return accuracy(m, test_loader)
@@ -135,18 +135,27 @@ def load_run(ckpt: Path) -> tuple[nn.Module, InitPlan, DictConfig]:
     """Model, init plan and config from a ``cdi-train`` checkpoint (weights_only load)."""
     from cdi_experiments.lit_module import Classifier
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling, zip or EOF errors: not a torch checkpoint we can read
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{ckpt} is not a readable checkpoint ({reason}); pass a .ckpt from <run>/checkpoints/"
+        ) from None
+    callbacks = state.get("callbacks", {}) if isinstance(state, dict) else {}
     cb_state = next(
-        (
-            v
-            for k, v in state.get("callbacks", {}).items()
-            if k.startswith("DeterministicInitCallback")
-        ),
-        None,
+        (v for k, v in callbacks.items() if k.startswith("DeterministicInitCallback")), None
     )
-    if cb_state is None or not cb_state.get("plan"):
+    if not isinstance(cb_state, dict) or not cb_state.get("plan"):
         raise ValueError(
             f"{ckpt}: no deterministic-init state in this checkpoint; was it written by cdi-train?"
+        )
+    plan = InitPlan.from_dict(cb_state["plan"])
+    recorded = (cb_state.get("identity") or {}).get("fingerprint")
+    if recorded and plan.fingerprint() != recorded:
+        raise ValueError(
+            f"{ckpt}: the initial weights regenerated here differ from the ones the run used "
+            "(fingerprint mismatch); use the cdi-experiments version that wrote the checkpoint"
         )
     run_info = ckpt.resolve().parent.parent / "run_info.json"
     hydra_cfg = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
@@ -158,13 +167,82 @@ def load_run(ckpt: Path) -> tuple[nn.Module, InitPlan, DictConfig]:
         raise ValueError(
             f"{ckpt}: cannot find the run's config (.hydra/config.yaml or run_info.json) beside checkpoints/"
         )
-    lit = Classifier.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
-    return lit.model, InitPlan.from_dict(cb_state["plan"]), cfg
+    try:
+        lit = Classifier.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    except (KeyError, TypeError, RuntimeError) as exc:  # no/odd hyper_parameters, state mismatch
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(
+            f"{ckpt}: cannot rebuild the model from this checkpoint ({reason})"
+        ) from None
+    return lit.model, plan, cfg
+
+
+def _parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise ValueError(f"--{what} {text!r} has an empty item; write e.g. --{what} a,b")
+    return items
+
+
+def _check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate the command line before anything is loaded; return the prune overrides."""
+    from cdi_experiments.pruning import criterion_names
+
+    overrides: dict[str, Any] = {}
+    if args.threshold is not None:
+        if not (math.isfinite(args.threshold) and args.threshold >= 0):
+            raise ValueError(f"--threshold {args.threshold} must be a finite number >= 0")
+        overrides["threshold"] = args.threshold
+    if args.criteria is not None:
+        crits = _parse_list(args.criteria, "criteria")
+        unknown = [c for c in crits if c not in criterion_names()]
+        if unknown:
+            raise ValueError(
+                f"--criteria: unknown criterion {', '.join(map(repr, unknown))}; "
+                f"choose from {', '.join(criterion_names())}"
+            )
+        overrides["criteria"] = crits
+    if args.sparsities is not None:
+        fractions = []
+        for text in _parse_list(args.sparsities, "sparsities"):
+            try:
+                f = float(text)
+            except ValueError:
+                f = math.nan
+            if not 0 < f < 1:
+                raise ValueError(
+                    f"--sparsities: {text!r} is not a fraction in (0, 1); write e.g. 0.5,0.9"
+                )
+            fractions.append(f)
+        overrides["sparsities"] = fractions
+    for key in ("finetune_epochs", "retrain_epochs"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+            overrides[key] = value
+    if args.rewind:
+        overrides["rewind"] = True
+    if not args.checkpoint.is_file():
+        raise ValueError(
+            f"checkpoint {args.checkpoint} does not exist; pass a .ckpt from <run>/checkpoints/"
+        )
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; pass a directory")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``cdi-prune CKPT [--criteria ...] [--sparsities ...] [--out DIR]``; returns the exit code.
+
+    Writes ``prune_results.csv`` to the run directory (or ``--out``) and prints the table.
+    Bad input gives one ``cdi-prune: error: ...`` line on stderr and exit code 2, and writes
+    nothing.
+    """
     parser = _OneLineParser(
-        prog="cdi-prune", description="Prune a cdi-train checkpoint and compare criteria."
+        prog="cdi-prune",
+        description="Prune a cdi-train checkpoint and compare criteria. Defaults come from the "
+        "run's own config; the initial weights are regenerated from the checkpoint's identity.",
     )
     parser.add_argument("checkpoint", type=Path, help="a cdi-train checkpoint (.ckpt)")
     parser.add_argument(
@@ -173,33 +251,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--criteria", default=None, help="comma-separated criteria (default: the run's)"
     )
-    parser.add_argument("--sparsities", default=None, help="comma-separated target sparsities")
-    parser.add_argument("--finetune-epochs", type=int, default=None)
+    parser.add_argument(
+        "--sparsities", default=None, help="comma-separated target sparsities in (0, 1)"
+    )
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=None, help="fine-tune each pruned copy (masks kept)"
+    )
     parser.add_argument(
         "--rewind", action="store_true", help="also rewind survivors to w0 and retrain"
     )
     parser.add_argument(
+        "--retrain-epochs", type=int, default=None, help="epochs of lottery-ticket retraining"
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="output directory (default: the run directory)"
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if not args.checkpoint.is_file():
-            raise ValueError(
-                f"checkpoint {args.checkpoint} does not exist; pass a .ckpt from <run>/checkpoints/"
-            )
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (one line, exit 2) and --help (exit 0)
+        return int(exc.code or 0)
+    try:
+        overrides = _check_args(args)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         model, plan, cfg = load_run(args.checkpoint)
-        overrides = {}
-        if args.threshold is not None:
-            overrides["threshold"] = args.threshold
-        if args.criteria:
-            overrides["criteria"] = args.criteria.split(",")
-        if args.sparsities:
-            overrides["sparsities"] = [float(s) for s in args.sparsities.split(",")]
-        if args.finetune_epochs is not None:
-            overrides["finetune_epochs"] = args.finetune_epochs
-        if args.rewind:
-            overrides["rewind"] = True
         cfg = OmegaConf.merge(cfg, {"prune": {**overrides, "enabled": True}})
         from cdi_experiments.config_check import check_config
         from cdi_experiments.train import build_datamodule
@@ -211,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         run_prune_stage(model, plan, dm, cfg, out)
         print(f"prune table: {out.prune}")
     except ValueError as exc:
-        print(f"cdi-prune: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the exception said
+        print(f"cdi-prune: error: {message}", file=sys.stderr)
         return 2
     return 0
 

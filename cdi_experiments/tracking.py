@@ -9,8 +9,10 @@ identity is refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +38,58 @@ class InitIdentityError(ValueError):
     """A checkpoint was made under another generator identity (seed, scheme, version...)."""
 
 
+# identity field -> the config key that sets it (for error messages)
+_CONFIG_KEYS = {
+    "seed": "seed",
+    "scheme": "init.scheme",
+    "params": "init.params",
+    "overrides": "init.overrides",
+    "layer_ids": "init.layer_ids",
+    "biases": "init.biases",
+    "zero_mean_conv": "init.zero_mean_conv",
+}
+
+
+def _mismatch_message(diff: Mapping[str, tuple[Any, Any]]) -> str:
+    """One line: every differing identity field with both values, then how to fix it."""
+    values = "; ".join(
+        f"{_CONFIG_KEYS.get(k, k)}: checkpoint {a!r} vs this run {b!r}"
+        for k, (a, b) in diff.items()
+    )
+    if "generator_version" in diff:
+        fix = "install the cdi-experiments version that wrote the checkpoint"
+    elif any(k in _CONFIG_KEYS for k in diff):
+        fix = (
+            "rerun with the checkpoint's values ("
+            + " ".join(
+                f"{_CONFIG_KEYS[k]}={a if isinstance(a, (str, int, float)) else json.dumps(a)}"
+                for k, (a, _) in diff.items()
+                if k in _CONFIG_KEYS
+            )
+            + ")"
+        )
+    else:  # same config, other initial weights: the model's parameters or the generator changed
+        fix = "rerun with the model config and code that wrote the checkpoint"
+    return (
+        f"cannot resume: the checkpoint's initial weights were made differently ({values}). "
+        f"To continue it, {fix}; to start over, use a new run directory or resume=false"
+    )
+
+
+def _is_last_epoch(trainer: pl.Trainer, epoch: int) -> bool:
+    """The run ends after this epoch: max_epochs reached, max_steps reached or a requested stop
+    (early stopping sets ``should_stop`` before the epoch-end hooks run)."""
+    if (
+        trainer.max_epochs is not None
+        and trainer.max_epochs >= 0
+        and epoch + 1 >= trainer.max_epochs
+    ):
+        return True
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    return bool(trainer.should_stop)
+
+
 def tracked_module(pl_module: pl.LightningModule) -> torch.nn.Module:
     """The network inside a LightningModule (its ``model`` attribute if it has one)."""
     inner = getattr(pl_module, "model", None)
@@ -43,7 +97,30 @@ def tracked_module(pl_module: pl.LightningModule) -> torch.nn.Module:
 
 
 def threshold_key(t: float) -> str:
+    """The threshold as it appears in metric keys: ``1e-05`` in ``awake/fc1.weight@1e-05``."""
     return f"{t:g}"
+
+
+def quantile_key(q: float) -> str:
+    """``0.5 -> "q50"``, as in ``delta_q50/fc1.weight``."""
+    return f"q{round(q * 100):02d}"
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    """Plain Python containers and scalars (numpy scalars and tuples would break a
+    ``torch.load(..., weights_only=True)`` of the checkpoint, or the identity comparison)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 class DeterministicInitCallback(Callback):
@@ -63,8 +140,27 @@ class DeterministicInitCallback(Callback):
         lsuv_batch_size: images from the datamodule's ``sample_batch`` for LSUV.
         out_dir: run directory for the histogram CSV (None: don't write).
 
-    Logged keys: ``awake/<param>@<t>``, ``awake/all@<t>`` (percent), ``delta_mean/<param>``,
-    ``delta_max/<param>``, ``delta_qNN/<param>``.
+    Logged keys (``<param>`` is a parameter name or ``all``), as float64, at the epoch's end:
+
+    * ``awake/<param>@<t>``: percent of entries with ``|w - w0| > t`` (exact counts; NaN counts
+      as moved);
+    * ``delta_mean/<param>``, ``delta_max/<param>``: exact mean and max of ``|w - w0|``;
+    * ``delta_qNN/<param>``: approximate quantiles from a histogram with fixed log-spaced edges
+      (8 per decade, :data:`~cdi_experiments.torch_init.DELTA_EDGES`). The estimate lies in the
+      same bin as the nearest-rank quantile (``np.quantile(d, q, method="inverted_cdf")``), so
+      it is within a factor ``10**(1/8)`` (~1.33) of it for ``|w - w0|`` in ``[1e-10, 10]``;
+      0 exactly when that order statistic is 0. It can differ more from numpy's default
+      (linear interpolation between order statistics) on small tensors, where neighbouring
+      order statistics lie bins apart. See :meth:`~cdi_experiments.torch_init.DeltaStats.quantile`.
+
+    Epoch ``-1`` (the initial weights, all zeros) is written to ``layer_changes.csv`` but not
+    logged. With ``histograms``, ``delta_histograms.csv`` holds per-epoch bin counts (one row
+    per non-empty bin ``[low, high)``, plus ``low = high = 0`` for exact zeros), from which the
+    awakened share at any other threshold can be read to bin resolution.
+
+    Raises:
+        ValueError: an unknown scheme or ``layer_ids``, a negative or non-finite threshold,
+            ``every_n_epochs < 1``, a quantile outside ``[0, 1]``.
     """
 
     def __init__(
@@ -85,23 +181,40 @@ class DeterministicInitCallback(Callback):
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
         out_dir: str | None = None,
     ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0 (0 is a seed), got {seed!r}")
         if scheme != "lsuv":
-            schemes.get(scheme)  # unknown names fail here, before any training
+            try:
+                schemes.get(scheme)  # unknown names fail here, before any training
+            except ValueError as exc:
+                raise ValueError(f"init.scheme: {exc}") from None
         if layer_ids not in ("name", "index"):
             raise ValueError(f"init.layer_ids must be 'name' or 'index', got {layer_ids!r}")
-        if not thresholds:
-            raise ValueError("tracking.thresholds must list at least one threshold, e.g. [0, 1e-5]")
-        if int(every_n_epochs) < 1:
-            raise ValueError(f"tracking.every_n_epochs must be >= 1, got {every_n_epochs}")
+        if isinstance(thresholds, (str, bytes)) or len(thresholds) == 0:
+            raise ValueError(
+                f"tracking.thresholds must list at least one number >= 0, e.g. [0, 1e-5]; "
+                f"got {thresholds!r}"
+            )
+        for t in thresholds:
+            try:
+                check_threshold(t)
+            except ValueError:
+                raise ValueError(
+                    f"tracking.thresholds: {t!r} is not a finite number >= 0; use e.g. "
+                    "[0, 1e-6, 1e-5] (0 = exactly unchanged)"
+                ) from None
+        _positive_int("tracking.every_n_epochs", every_n_epochs)
+        _positive_int("init.lsuv_batch_size", lsuv_batch_size)
+        _positive_int("chunk_elems", chunk_elems)
         for q in quantiles:
-            if not 0 <= q <= 1:
-                raise ValueError(f"tracking.quantiles must lie in [0, 1], got {q}")
+            if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 <= q <= 1:
+                raise ValueError(
+                    f"tracking.quantiles must be fractions in [0, 1] (0.5 = median), got {q!r}"
+                )
         self.seed = int(seed)
         self.scheme = scheme
-        self.params = dict(params or {})
-        self.overrides = {
-            k: (dict(v) if isinstance(v, Mapping) else v) for k, v in (overrides or {}).items()
-        }
+        self.params = _plain(dict(params or {}))
+        self.overrides = _plain(dict(overrides or {}))
         self.layer_ids = layer_ids
         self.biases = bool(biases)
         self.zero_mean_conv = bool(zero_mean_conv)
@@ -138,7 +251,7 @@ class DeterministicInitCallback(Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.plan is not None:
+        if self.plan is not None:  # already initialized (a second fit/test on this trainer)
             return
         batch = None
         if self.scheme == "lsuv":
@@ -169,13 +282,16 @@ class DeterministicInitCallback(Callback):
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
         if trainer.current_epoch == 0 and trainer.global_step == 0:
             self._analyse(trainer, pl_module, epoch=-1, log_metrics=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
         epoch = trainer.current_epoch
-        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
-        if (epoch + 1) % self.every_n_epochs == 0 or last:
+        if (epoch + 1) % self.every_n_epochs == 0 or _is_last_epoch(trainer, epoch):
             self._analyse(trainer, pl_module, epoch=epoch, log_metrics=True)
 
     # ------------------------------------------------------------------ analysis
@@ -203,7 +319,7 @@ class DeterministicInitCallback(Callback):
             m[f"delta_mean/{name}"] = st.mean
             m[f"delta_max/{name}"] = st.max
             for q in self.quantiles:
-                m[f"delta_q{round(q * 100):02d}/{name}"] = st.quantile(q)
+                m[f"delta_{quantile_key(q)}/{name}"] = st.quantile(q)
         return m
 
     def _analyse(
@@ -213,8 +329,16 @@ class DeterministicInitCallback(Callback):
         metrics = self.metrics_from(stats)
         if log_metrics:
             for key, value in metrics.items():
+                # float64 tensor: Lightning would store a Python float as float32 (7 digits);
+                # batch_size=1: the value is already the epoch's exact figure, nothing to average
                 pl_module.log(
-                    key, value, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True
+                    key,
+                    torch.tensor(value, dtype=torch.float64),
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=False,
+                    rank_zero_only=True,
+                    batch_size=1,
                 )
         for name, st in stats.items():
             row = {
@@ -293,21 +417,27 @@ class DeterministicInitCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        theirs = state_dict.get("identity", {})
+        """Restore the history and plan; refuse a checkpoint made under another identity.
+
+        Raises:
+            InitIdentityError: the checkpoint's seed, scheme, parameters, overrides, layer ids,
+                generator version or initial-weight fingerprint differ from this run's; the
+                message names each field, both values and the fix.
+        """
+        theirs = state_dict.get("identity")
+        if not isinstance(theirs, Mapping):
+            raise InitIdentityError(
+                "cannot resume: the checkpoint's DeterministicInitCallback state has no "
+                "'identity'; it was not written by this callback. Use a new run directory"
+            )
         ours = self.identity()
         diff = {
             k: (theirs.get(k), ours[k])
             for k in ours
-            if theirs.get(k) != ours[k] and not (k == "fingerprint" and ours[k] is None)
+            if _plain(theirs.get(k)) != ours[k] and not (k == "fingerprint" and ours[k] is None)
         }
         if diff:
-            parts = ", ".join(
-                f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items()
-            )
-            raise InitIdentityError(
-                f"cannot resume: the checkpoint's initial weights differ from this run's ({parts}); "
-                "resume with the same init/seed config or use a new run directory"
-            )
+            raise InitIdentityError(_mismatch_message(diff))
         if state_dict.get("plan") and self.plan is None:
             self.plan = InitPlan.from_dict(state_dict["plan"])
             self.fingerprint = theirs.get("fingerprint")

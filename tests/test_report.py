@@ -1,0 +1,194 @@
+"""``cdi-report`` over real short runs, and the end-of-run console summary."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cdi_experiments import report
+from cdi_experiments import train as train_mod
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(REPO / "configs")
+CDI_REPORT = Path(sys.executable).parent / "cdi-report"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def compose_cfg(run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=quick",
+                "data.limit=1000",
+                "trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )
+    OmegaConf.set_struct(cfg, False)
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two 2-epoch runs below one folder: init=zeros (a dead network) and init=he."""
+    root = tmp_path_factory.mktemp("sweep")
+    out = {}
+    for init in ("zeros", "he"):
+        cfg = compose_cfg(
+            root / f"0_init={init}",
+            f"init={init}",
+            "trainer.max_epochs=2",
+            "prune.sparsities=[0.5,0.8]",
+        )
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            metrics, objects = train_mod.train(cfg)
+        out[init] = SimpleNamespace(
+            dir=Path(cfg.run_dir), metrics=metrics, objects=objects, stdout=stdout.getvalue()
+        )
+    return SimpleNamespace(root=root, by_init=out)
+
+
+@pytest.fixture(scope="module")
+def report_out(runs, tmp_path_factory):
+    """``cdi-report <root> --out <dir>`` through the installed entry point."""
+    out = tmp_path_factory.mktemp("report")
+    proc = subprocess.run(
+        [str(CDI_REPORT), str(runs.root), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return SimpleNamespace(dir=out, stdout=proc.stdout)
+
+
+def last_value(metrics: pd.DataFrame, key: str) -> float:
+    return float(metrics[key].dropna().iloc[-1])
+
+
+def test_runs_table_has_one_row_per_run_equal_to_the_runs_files(runs, report_out):
+    table = pd.read_csv(report_out.dir / "runs.csv")
+    assert len(table) == 2
+    assert sorted(table["init"]) == ["he", "zeros"]
+    for _, row in table.iterrows():
+        run = runs.by_init[row["init"]]
+        assert Path(row["run"]) == run.dir
+        metrics = pd.read_csv(run.dir / "metrics.csv")
+        for key in ("test/acc", "val/acc", "train/acc"):
+            assert row[key] == last_value(metrics, key), key
+        layers = pd.read_csv(run.dir / "layer_changes.csv")
+        final = layers[(layers["epoch"] == layers["epoch"].max()) & (layers["name"] == "all")]
+        for t in ("0", "1e-05", "0.01"):
+            assert row[f"awake_all@{t}"] == final[f"awake_pct@{t}"].iloc[0]
+            assert row[f"awake_all@{t}"] == pytest.approx(
+                last_value(metrics, f"awake/all@{t}"), rel=1e-12
+            )
+        prune = pd.read_csv(run.dir / "prune_results.csv").set_index(["criterion", "target"])
+        assert (
+            row["prune_sleeping_acc_after"] == prune.loc[("sleeping", "matched@1e-05"), "acc_after"]
+        )
+    by = table.set_index("init")
+    # a zero-initialized ReLU net cannot break symmetry: only the last bias moves
+    assert by.loc["zeros", "awake_all@0"] == pytest.approx(100 * 10 / 109386, rel=1e-12)
+    assert by.loc["he", "awake_all@1e-05"] > 99
+    assert by.loc["he", "test/acc"] > by.loc["zeros", "test/acc"]
+
+
+def test_runs_markdown_lists_every_run(report_out):
+    md = (report_out.dir / "runs.md").read_text().splitlines()
+    assert md[0].startswith("| label | data | model | init | seed |")
+    assert set(md[1].replace("|", "").split()) == {"---"}
+    assert len(md) == 2 + 2
+    assert any("| zeros |" in line for line in md[2:]) and any("| he |" in line for line in md[2:])
+    assert "2 runs ->" in report_out.stdout
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_figures_are_valid_pngs(report_out):
+    figures = report_out.dir / "figures"
+    names = sorted(str(p.relative_to(figures)) for p in figures.rglob("*.png"))
+    assert names == [
+        "awake_per_epoch.png",
+        "prune_accuracy.png",
+        "runs/mlp_mnist_he_s0_layers.png",
+        "runs/mlp_mnist_he_s0_prune.png",
+        "runs/mlp_mnist_zeros_s0_layers.png",
+        "runs/mlp_mnist_zeros_s0_prune.png",
+    ]
+    for name in names:
+        path = figures / name
+        assert path.stat().st_size > 1024, name
+        width, height = png_size(path)
+        assert width >= 600 and height >= 400, (name, width, height)
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(figures / "runs" / "mlp_mnist_he_s0_prune.png")
+    assert pixels.std() > 0.05  # something was drawn
+
+
+def test_end_of_run_summary_shows_train_val_and_test_accuracy(runs):
+    for run in runs.by_init.values():
+        summary = run.stdout[run.stdout.index("== run summary") :]
+        metrics = pd.read_csv(run.dir / "metrics.csv")
+        for key in ("train/acc", "val/acc", "test/acc"):
+            assert f"{key} {last_value(metrics, key):.4f}" in summary, key
+        assert "epochs 2" in summary
+        assert "awakened share" in summary and "fc1.weight" in summary
+        assert "sleeping weights (matched@1e-05)" in summary
+
+
+def test_summarize_run_fills_what_callback_metrics_lacks(runs):
+    run = runs.by_init["he"]
+    text = report.summarize_run(run.dir, {"test/acc": 0.5}, run.objects["callback"], None)
+    assert "test/acc 0.5000" in text  # the given metrics win
+    metrics = pd.read_csv(run.dir / "metrics.csv")
+    assert f"val/acc {last_value(metrics, 'val/acc'):.4f}" in text
+    assert "prune results" not in text
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "file", "out_is_file", "bad_threshold"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    afile = tmp_path / "a.txt"
+    afile.write_text("x")
+    argv = {
+        "missing": [str(tmp_path / "nope")],
+        "empty": [str(empty)],
+        "file": [str(afile)],
+        "out_is_file": [str(empty), "--out", str(afile)],
+        "bad_threshold": [str(empty), "--threshold", "-1"],
+    }[case]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert report.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cdi-report: error: "), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_run_info_is_skipped_not_fatal(runs, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run_info.json").write_text('{"config": {}}')
+    out = tmp_path / "out"
+    assert report.main([str(runs.root), str(tmp_path), "--out", str(out)]) == 0
+    assert len(pd.read_csv(out / "runs.csv")) == 2
