@@ -34,6 +34,7 @@ from cdi_experiments.generator.core import (
     TensorInit,
     changed_mask,
     check_threshold,
+    fans,
     generate,
     generate_tensor,
     iter_deltas,
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 LAYER_ID_MODES = ("name", "index")
 _BIAS_INDEX_OFFSET = 1 << 32  # integer ids of biases in "index" mode, clear of weights'
+_NORM_INDEX_OFFSET = 1 << 33  # and of norm layers', so a norm never shifts the biases' ids
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _CONVS = (nn.modules.conv._ConvNd,)
 
@@ -154,7 +156,7 @@ class _Ids:
     def __init__(self, mode: str) -> None:
         if mode not in LAYER_ID_MODES:
             raise ValueError(f"layer_ids must be one of {LAYER_ID_MODES}, got {mode!r}")
-        self.mode, self.weights, self.biases = mode, 0, 0
+        self.mode, self.weights, self.biases, self.norms = mode, 0, 0, 0
 
     def weight(self, name: str) -> int:
         if self.mode == "name":
@@ -167,6 +169,12 @@ class _Ids:
             return layer_id_for(name)
         self.biases += 1
         return _BIAS_INDEX_OFFSET + self.biases - 1
+
+    def norm(self, name: str) -> int:
+        if self.mode == "name":
+            return layer_id_for(name)
+        self.norms += 1
+        return _NORM_INDEX_OFFSET + self.norms - 1
 
 
 def _weight_specs(
@@ -233,7 +241,8 @@ def init_module(
         params: the scheme's parameters (``{"std": 0.02}`` for ``custom``, ...).
         overrides: per-module or per-parameter scheme, e.g. ``{"fc1": "zeros"}`` or
             ``{"attn": {"scheme": "custom", "std": 0.044}}`` (longest matching prefix wins).
-        layer_ids: ``"name"`` (stable ids from parameter names) or ``"index"`` (0, 1, 2, ...).
+        layer_ids: ``"name"`` (stable ids from parameter names) or ``"index"``: weights 0, 1,
+            2, ... in module order, biases ``2**32 + k``, norm parameters ``2**33 + k``.
         biases: initialize biases (zeros, or the scheme's own addressable draw when it has one,
             as ``torch_default`` does) and track them.
         norms: set norm layers' weights to ones and biases to zeros, and track them.
@@ -255,6 +264,9 @@ def init_module(
     ids = _Ids(layer_ids)
     plan = InitPlan(int(seed), scheme)
     used_overrides: set[str] = set()
+    # every spec is built (and so validated) before the first write: a bad override or scheme
+    # parameter raises with the module untouched
+    todo: list[tuple[torch.Tensor, list[Block]]] = []
     for mname, m in module.named_modules():
         for local, param in m.named_parameters(recurse=False):
             pname = f"{mname}.{local}" if mname else local
@@ -276,7 +288,7 @@ def init_module(
                         param.shape[0],
                         TensorInit(
                             seed,
-                            ids.bias(pname),
+                            ids.norm(pname),
                             tuple(param.shape),
                             "zeros" if is_bias else "ones",
                         ),
@@ -301,7 +313,7 @@ def init_module(
                 blocks = [_bias_block(m, pname, param, seed, s_name, s_params, ids)]
             else:
                 continue
-            _apply(param, blocks)
+            todo.append((param, blocks))
             plan.blocks[pname] = blocks
     unused = set(overrides) - used_overrides
     if unused:
@@ -309,6 +321,8 @@ def init_module(
             f"init override(s) {sorted(unused)} matched no parameter; names look like "
             f"{', '.join(list(plan.blocks)[:4])}"
         )
+    for param, blocks in todo:
+        _apply(param, blocks)
     if lsuv:
         _lsuv(module, plan, lsuv_batch, lsuv_tol, lsuv_max_iter)
     return plan
@@ -321,10 +335,9 @@ def _bias_block(
     own = scheme in schemes.names() and schemes.get(scheme).bias == "self"
     if not own or isinstance(m, nn.MultiheadAttention):  # torch zeroes MHA's packed bias too
         return Block(0, shape[0], TensorInit(seed, ids.bias(pname), shape, "zeros"))
-    w = m.weight
-    fan_in = math.prod(w.shape[1:])
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # torch's fan_in for transposed convs
-        fan_in = w.shape[0] * math.prod(w.shape[2:])
+    # torch bounds the bias by its weight's fan_in, size(1) * receptive field, transposed convs
+    # included (whose weight is (in, out/groups, k...)): the fan the weight's own spec uses.
+    fan_in = fans(tuple(m.weight.shape))[0]
     return Block(
         0,
         shape[0],
@@ -456,6 +469,11 @@ class _ModuleTensors(Mapping):
         mod_name, _, local = name.rpartition(".")
         try:
             sub = self.module.get_submodule(mod_name) if mod_name else self.module
+            orig, mask = getattr(sub, f"{local}_orig", None), getattr(sub, f"{local}_mask", None)
+            if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
+                # not the ``<name>`` attribute: torch's pruning hook refreshes it only on the next
+                # forward, so it is stale after an optimizer step or a rewind
+                return orig * mask
             value = getattr(sub, local)
         except AttributeError:
             raise KeyError(name) from None
