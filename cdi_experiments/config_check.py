@@ -5,6 +5,7 @@ Every message names the key, the bad value and the allowed values, in one line.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -68,6 +69,15 @@ def _number(
         _fail(key, value, f"use a number {lo}" + (f" and <= {high}" if high is not None else ""))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(key, value, "use true or false")
+
+
 def _scheme(key: str, value: Any) -> None:
     if value != "lsuv":
         try:
@@ -80,6 +90,22 @@ def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` on the first value that cannot work."""
     c = OmegaConf.to_container(cfg, resolve=True)
     _int("seed", c.get("seed"), 0)
+    for key in ("resume", "test_after_fit", "deterministic"):
+        _bool(key, c.get(key))
+    run_dir = c.get("run_dir")
+    if run_dir is not None and (not isinstance(run_dir, (str, os.PathLike)) or not str(run_dir)):
+        _fail("run_dir", run_dir, "use a directory path or null (null: Hydra's run directory)")
+    extra = c.get("extra_callbacks") or {}
+    if not isinstance(extra, dict):
+        _fail("extra_callbacks", extra, "use a mapping {name: {_target_: module.Class}}")
+    for name, spec in extra.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("_target_"), str):
+            _fail(
+                f"extra_callbacks.{name}",
+                spec,
+                f"use {{_target_: module.Class, ...}}, e.g. +extra_callbacks.{name}._target_="
+                "cdi_experiments.train.RankInitFingerprint",
+            )
     d = c["data"]
     _choice("data.name", d.get("name"), DATASETS)
     _int("data.batch_size", d.get("batch_size"), 1)
@@ -104,9 +130,8 @@ def check_config(cfg: DictConfig) -> None:
     for k, crit in enumerate(p.get("criteria") or []):
         _choice(f"prune.criteria[{k}]", crit, PRUNE_CRITERIA)
     for k, s in enumerate(p.get("sparsities") or []):
-        _number(f"prune.sparsities[{k}]", s, 0.0, 1.0, open_low=True)
-        if s >= 1.0:
-            _fail(f"prune.sparsities[{k}]", s, "use a fraction in (0, 1)")
+        if not _is_number(s) or not 0.0 < s < 1.0:
+            _fail(f"prune.sparsities[{k}]", s, "use fractions in (0, 1), e.g. [0.5, 0.9]")
     _int("prune.finetune_epochs", p.get("finetune_epochs", 0), 0)
     _int("prune.retrain_epochs", p.get("retrain_epochs", 0), 0)
     o = c["optimizer"]
@@ -115,6 +140,13 @@ def check_config(cfg: DictConfig) -> None:
     _number("optimizer.weight_decay", o.get("weight_decay", 0.0), 0.0)
     tr = c["trainer"]
     _int("trainer.max_epochs", tr.get("max_epochs"), 1)
+    if str(tr.get("strategy", "")).startswith("fsdp") and tr.get("accelerator") == "cpu":
+        _fail(
+            "trainer.accelerator",
+            "cpu",
+            "Lightning runs strategy 'fsdp' on GPUs only: use trainer.accelerator=gpu, "
+            "or trainer=ddp on CPU",
+        )
     lg = c.get("logger") or {}
     for name in lg:
         _choice("logger", name, LOGGERS)

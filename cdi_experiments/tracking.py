@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -392,9 +391,9 @@ class DeterministicInitCallback(Callback):
                             for _, d in param_deltas(params, self.plan, name, self.chunk_elems)
                         ]
                     )
-                    payload[f"abs_delta_log10/{name}"] = wandb.Histogram(
-                        np.log10(deltas[deltas > 0]) if (deltas > 0).any() else [math.nan]
-                    )
+                    moved = deltas[deltas > 0]
+                    if moved.size:  # nothing has moved at train start: no histogram to draw
+                        payload[f"abs_delta_log10/{name}"] = wandb.Histogram(np.log10(moved))
                 payload["epoch"] = max(epoch, 0)
                 lg.experiment.log(payload, commit=False)
 

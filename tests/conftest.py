@@ -1,0 +1,108 @@
+"""Shared fixtures: the REAL ``configs/`` composed with Hydra's compose API, shrunk for tests.
+
+As in lightning-hydra-template: ``compose("train", overrides, return_hydra_config=True)``, then
+a few images, one epoch, no progress bar, and ``tmp_path`` as the run directory (``run_dir``,
+which ``train`` uses outside a Hydra job). ``run_cli`` runs the installed ``cdi-train`` in a
+subprocess for what only the command line shows (Hydra's output dirs, exit codes, stderr).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from pytorch_lightning.callbacks import Callback
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs"
+CDI_TRAIN = Path(sys.executable).parent / "cdi-train"
+SMALL = 1000  # training images (and at most as many val/test images) in a short run
+
+# A quick run: one epoch on SMALL images, one prune sparsity, no progress bar, logs to CSV.
+SHRINK = [
+    f"data.limit={SMALL}",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "++trainer.enable_model_summary=false",
+    "prune.sparsities=[0.5]",
+    "logger=csv",
+]
+
+
+def compose_cfg(overrides: Sequence[str] = (), hydra_node: bool = True) -> DictConfig:
+    """The composed ``train`` config, exactly as ``cdi-train`` would compose it."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def small_cfg(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """A shrunk config writing to ``run_dir``; ``overrides`` come after the shrinking ones."""
+    cfg = compose_cfg([*SHRINK, *overrides])
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture
+def cfg_train(tmp_path: Path) -> DictConfig:
+    """The default config, shrunk, writing to ``tmp_path / "run"``."""
+    return small_cfg(tmp_path / "run")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg(*overrides, name="run")``: a shrunk config writing to ``tmp_path / name``."""
+
+    def make(*overrides: str, name: str = "run") -> DictConfig:
+        return small_cfg(tmp_path / name, overrides)
+
+    return make
+
+
+def run_cli(
+    args: Sequence[str],
+    cwd: Path,
+    *,
+    module: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cdi-train *args`` (or ``python -m cdi_experiments.train``) in ``cwd``.
+
+    A single run goes to ``cwd/run`` unless ``args`` name a ``hydra.run.dir``; a sweep (``-m``)
+    goes where ``hydra.sweep.dir`` says, by default under ``cwd/outputs``. ``env`` entries are
+    added to ``os.environ``.
+    """
+    cmd = [sys.executable, "-m", "cdi_experiments.train"] if module else [str(CDI_TRAIN)]
+    if not any(a.startswith(("hydra.run.dir=", "-")) for a in args):
+        args = [*args, f"hydra.run.dir={Path(cwd) / 'run'}"]
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(
+        [*cmd, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    """``proc``, after asserting it exited 0 (its output tail in the failure message)."""
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+class CrashAfterFirstEpoch(Callback):
+    """Test-only: raises at the end of the first epoch, before its checkpoint is written."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        raise RuntimeError("simulated crash after epoch 0")
