@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +46,23 @@ def small_cfg(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
     cfg = compose_cfg([*SHRINK, *overrides])
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def quick_cfg(run_dir: Path, *overrides: str) -> DictConfig:
+    """``experiment=quick`` on SMALL images, no progress bar, writing to ``run_dir``; the
+    config stays open (not struct) so tests may add keys."""
+    cfg = compose_cfg(
+        [
+            "experiment=quick",
+            f"data.limit={SMALL}",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+        hydra_node=False,
+    )
+    OmegaConf.set_struct(cfg, False)
+    cfg.run_dir = str(run_dir)
     return cfg
 
 

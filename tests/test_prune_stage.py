@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import quick_cfg
 
 from cdi_experiments import DeterministicNoiseGenerator, layer_id_for
 from cdi_experiments import prune as prune_mod
@@ -24,27 +23,10 @@ from cdi_experiments import train as train_mod
 from cdi_experiments.lit_module import Classifier
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(REPO / "configs")
 CDI_PRUNE = Path(sys.executable).parent / "cdi-prune"
 PRUNABLE = {"fc1.weight": (128, 784), "fc2.weight": (64, 128), "fc3.weight": (10, 64)}
 THRESHOLD = 1e-5
 RANKED = ("magnitude", "movement", "magnitude_increase", "random")
-
-
-def compose_cfg(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "experiment=quick",
-                "data.limit=1000",
-                "trainer.enable_progress_bar=false",
-                *overrides,
-            ],
-        )
-    OmegaConf.set_struct(cfg, False)
-    cfg.run_dir = str(run_dir)
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +34,7 @@ def run(tmp_path_factory):
     """2 epochs of the MLP on 1000 MNIST images, he init; prune at 1e-5 and 0.5/0.8.
     ``import wandb`` is made to fail: with the csv logger nothing may touch W&B."""
     run_dir = tmp_path_factory.mktemp("prune_run")
-    cfg = compose_cfg(run_dir, "trainer.max_epochs=2", "prune.sparsities=[0.5,0.8]")
+    cfg = quick_cfg(run_dir, "trainer.max_epochs=2", "prune.sparsities=[0.5,0.8]")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "wandb", None)
         metrics, objects = train_mod.train(cfg)

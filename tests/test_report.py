@@ -12,32 +12,14 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import quick_cfg
 
 from cdi_experiments import report
 from cdi_experiments import train as train_mod
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(REPO / "configs")
 CDI_REPORT = Path(sys.executable).parent / "cdi-report"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def compose_cfg(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "experiment=quick",
-                "data.limit=1000",
-                "trainer.enable_progress_bar=false",
-                *overrides,
-            ],
-        )
-    OmegaConf.set_struct(cfg, False)
-    cfg.run_dir = str(run_dir)
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +28,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     out = {}
     for init in ("zeros", "he"):
-        cfg = compose_cfg(
+        cfg = quick_cfg(
             root / f"0_init={init}",
             f"init={init}",
             "trainer.max_epochs=2",

@@ -18,8 +18,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import quick_cfg
 
 from cdi_experiments import DeterministicNoiseGenerator, layer_id_for
 from cdi_experiments import train as train_mod
@@ -28,28 +27,11 @@ from cdi_experiments.generator.core import TensorInit, generate
 from cdi_experiments.torch_init import InitPlan
 from cdi_experiments.tracking import DeterministicInitCallback, InitIdentityError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 THRESHOLDS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 # 8 log-spaced bins per decade from 1e-10 to 10, rebuilt here rather than imported
 EDGES = np.concatenate([[0.0], np.logspace(-10, 1, 89), [np.inf]])
 BIN_FACTOR = 10 ** (1 / 8)
-
-
-def compose_cfg(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "experiment=quick",
-                "data.limit=1000",
-                "trainer.enable_progress_bar=false",
-                *overrides,
-            ],
-        )
-    OmegaConf.set_struct(cfg, False)
-    cfg.run_dir = str(run_dir)
-    return cfg
 
 
 class Snapshots(pl.Callback):
@@ -107,7 +89,7 @@ def metric_rows(metrics: pd.DataFrame) -> dict[int, pd.Series]:
 def he_run(tmp_path_factory):
     """3 epochs of the MLP on 1000 real MNIST images, he init, seed 0, weights per epoch."""
     run_dir = tmp_path_factory.mktemp("he_run")
-    cfg = compose_cfg(run_dir, "trainer.max_epochs=3", "prune.enabled=false")
+    cfg = quick_cfg(run_dir, "trainer.max_epochs=3", "prune.enabled=false")
     snaps = Snapshots()
     metrics, objects = train_with(cfg, snaps)
     return SimpleNamespace(dir=run_dir, cfg=cfg, snaps=snaps, objects=objects, metrics=metrics)
@@ -274,7 +256,7 @@ def test_numpy_scalars_in_the_config_do_not_reach_the_checkpoint(tmp_path):
 def test_resume_same_identity_continues_other_identity_is_refused(he_run, tmp_path):
     same = tmp_path / "same"
     shutil.copytree(he_run.dir, same)
-    cfg = compose_cfg(same, "trainer.max_epochs=4", "prune.enabled=false", "test_after_fit=false")
+    cfg = quick_cfg(same, "trainer.max_epochs=4", "prune.enabled=false", "test_after_fit=false")
     _, objects = train_mod.train(cfg)
     history = pd.DataFrame(objects["callback"].history)
     assert sorted(set(history["epoch"])) == [-1, 0, 1, 2, 3]  # restored, then one more
@@ -284,7 +266,7 @@ def test_resume_same_identity_continues_other_identity_is_refused(he_run, tmp_pa
 
     other = tmp_path / "other"
     shutil.copytree(he_run.dir, other)
-    cfg = compose_cfg(other, "trainer.max_epochs=4", "prune.enabled=false", "init=xavier")
+    cfg = quick_cfg(other, "trainer.max_epochs=4", "prune.enabled=false", "init=xavier")
     with pytest.raises(
         InitIdentityError, match=r"init\.scheme: checkpoint 'he' vs this run 'xavier'"
     ) as err:
@@ -297,7 +279,7 @@ def test_resume_same_identity_continues_other_identity_is_refused(he_run, tmp_pa
 
 def setup_from_config(*overrides: str, seed: int = 0):
     """Model and callback built from the real configs, the callback's setup run on them."""
-    cfg = compose_cfg(Path("unused"), f"seed={seed}", *overrides)
+    cfg = quick_cfg(Path("unused"), f"seed={seed}", *overrides)
     lit = train_mod.build_lit_module(cfg)
     cb = train_mod.build_callback(cfg, None)
     dm = train_mod.build_datamodule(cfg) if cfg.init.scheme == "lsuv" else None
@@ -484,7 +466,7 @@ def test_hooks_skip_the_sanity_check():
 
 
 def test_every_n_epochs_2_logs_epochs_1_3_and_the_last(tmp_path):
-    cfg = compose_cfg(
+    cfg = quick_cfg(
         tmp_path,
         "data.limit=256",
         "trainer.max_epochs=5",
