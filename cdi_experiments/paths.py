@@ -18,6 +18,7 @@ LAST_CKPT = "last.ckpt"
 FIGURE_DIR = "figures"
 WANDB_DIR = "wandb"
 DONE_MARKER = "DONE"
+PRUNED_MODEL = "pruned_sleeping.pt"
 
 
 class RunPaths:
@@ -63,6 +64,11 @@ class RunPaths:
         return self.root / WANDB_DIR
 
     @property
+    def pruned_model(self) -> Path:
+        """State dict of the model with its sleeping weights pruned (masks made permanent)."""
+        return self.root / PRUNED_MODEL
+
+    @property
     def done(self) -> Path:
         return self.root / DONE_MARKER
 
@@ -79,6 +85,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: object) -> None:
+    """``torch.save`` through a temporary file and a rename (never a half-written file)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cdi_experiments.paths import RunPaths, atomic_write_csv
+from cdi_experiments.paths import RunPaths, atomic_torch_save, atomic_write_csv
 from cdi_experiments.torch_init import InitPlan
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,25 @@ def train_epochs(
     model.eval()
 
 
+def export_sleeping_pruned(
+    model: nn.Module, plan: InitPlan, threshold: float, paths: RunPaths
+) -> None:
+    """Save the model with its sleeping weights pruned, masks made permanent (plain tensors,
+    loadable with ``weights_only=True``)."""
+    from cdi_experiments.pruning import make_permanent, masked_copy, sleeping_mask
+
+    mask = sleeping_mask(model, plan, threshold)
+    pruned = make_permanent(masked_copy(model.cpu(), mask))
+    atomic_torch_save(
+        paths.pruned_model,
+        {
+            "state_dict": pruned.state_dict(),
+            "threshold": threshold,
+            "sparsity": float(mask.sparsity),
+        },
+    )
+
+
 def run_prune_stage(
     model: nn.Module, plan: InitPlan, dm, cfg: DictConfig, paths: RunPaths, loggers=()
 ) -> pd.DataFrame:
@@ -112,6 +131,7 @@ def run_prune_stage(
         seed=seed,
     )
     atomic_write_csv(paths.prune, df)
+    export_sleeping_pruned(model, plan, float(p["threshold"]), paths)
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             lg.log_table(key="prune/results", dataframe=df)

@@ -440,6 +440,14 @@ def make_figures(
     return written
 
 
+def run_figures(run_dir: Path, threshold: float = DEFAULT_THRESHOLD) -> list[Path]:
+    """The figures of one finished run, into ``<run_dir>/figures`` (called by ``cdi-train``)."""
+    table = collect([Path(run_dir)])
+    if table.empty:
+        return []
+    return make_figures(table, Path(run_dir) / FIGURE_DIR, threshold)
+
+
 # ----------------------------------------------------------------------------- cdi-report
 
 

@@ -495,8 +495,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     run_info(cfg, callback, {"final_metrics": metrics}), indent=2, default=str
                 ),
             )
-            from cdi_experiments.report import summarize_run
+            from cdi_experiments.report import run_figures, summarize_run
 
+            run_figures(paths.root, float(cfg.prune.threshold))
             print(summarize_run(paths.root, metrics, callback, prune_df))
         ok = True
     finally:

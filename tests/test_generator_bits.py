@@ -494,6 +494,22 @@ def test_fingerprints(backend: str, case: dict[str, Any], one_torch_thread: None
         assert tensor_sha256(a) == committed(case, dt), f"{backend} {dt}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_fingerprints_on_cuda(case: dict[str, Any]) -> None:
+    # The torch backend generating on the GPU must give the committed CPU bits; it also checks
+    # the half-precision paths against the CPU kernels (one rounding from float64 on both).
+    spec = case_spec(case)
+    for dt in DTYPES:
+        t = core.generate_tensor(spec, dtype=getattr(torch, dt), device="cuda", backend="torch")
+        assert t.is_cuda
+        assert tensor_sha256(t.cpu().numpy()) == committed(case, dt), f"cuda {dt}"
+    for half in (torch.float16, torch.bfloat16):
+        gpu = core.generate_tensor(spec, dtype=half, device="cuda", backend="torch").cpu()
+        cpu = core.generate_tensor(spec, dtype=half, backend="numba")
+        assert torch.equal(gpu.view(torch.int16), cpu.view(torch.int16)), f"cuda {half}"
+
+
 def test_big_fingerprint_matrix_matches_scalar_on_a_strided_sample() -> None:
     # The committed digests tie every backend to the numba result; here a 20k-element sample
     # of that result is recomputed by the pure-Python reference.

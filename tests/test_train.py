@@ -99,6 +99,23 @@ def test_run_directory(model: str, model_runs: dict) -> None:
     assert info["versions"]["torch"] == str(torch.__version__)
     assert info["final_metrics"]["test/acc"] == pytest.approx(metrics["test/acc"])
 
+    # figures: readable PNGs of the awakened shares and of accuracy after pruning
+    figures = sorted(p.name for p in paths.figures.rglob("*.png"))
+    assert "awake_per_epoch.png" in figures and any(f.endswith("_layers.png") for f in figures)
+    for png in paths.figures.rglob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+    # export: the sleeping-pruned model with its masks made permanent (plain tensors)
+    exported = torch.load(paths.pruned_model, map_location="cpu", weights_only=True)
+    sleeping = prune[prune["criterion"] == "sleeping"].iloc[0]
+    state = exported["state_dict"]
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    assert exported["sparsity"] == pytest.approx(sleeping["sparsity"])
+    trained = objects["model"].model.state_dict()
+    for name in json.loads(sleeping["layer_sparsity"]):
+        pruned_here = (state[name] == 0) & (trained[name] != 0)
+        assert torch.equal(state[name][~pruned_here], trained[name][~pruned_here])
+
 
 def test_two_runs_are_identical(model_runs: dict, tmp_path: Path) -> None:
     cfg, _, objects = model_runs["mlp_dropout"]  # dropout: the RNG stream must repeat too
