@@ -273,9 +273,6 @@ def init_module(
             is_bias = "bias" in local
             ov = _override_for(pname, overrides)
             if ov is not None:
-                used_overrides.update(
-                    k for k in overrides if pname == k or pname.startswith(k + ".")
-                )
                 s_name, s_params = _scheme_and_params(ov, {})
             else:
                 s_name, s_params = base_scheme, params
@@ -290,7 +287,11 @@ def init_module(
                             seed,
                             ids.norm(pname),
                             tuple(param.shape),
-                            "zeros" if is_bias else "ones",
+                            *(
+                                (s_name, s_params)
+                                if ov is not None
+                                else ("zeros" if is_bias else "ones", {})
+                            ),
                         ),
                     )
                 ]
@@ -315,6 +316,8 @@ def init_module(
                 continue
             todo.append((param, blocks))
             plan.blocks[pname] = blocks
+            # an override counts as used only where it initialized something
+            used_overrides.update(k for k in overrides if pname == k or pname.startswith(k + "."))
     unused = set(overrides) - used_overrides
     if unused:
         raise ValueError(

@@ -332,6 +332,25 @@ def test_mapping_override_and_longest_prefix() -> None:
         assert same_bits(model.block.inner.fc2.weight, want)
 
 
+def test_override_reaches_norm_layers_and_ignores_unsupported_parameters() -> None:
+    class WithNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.ln = nn.LayerNorm(4)
+            self.extra = nn.Parameter(torch.full((3,), 7.0))  # not a supported layer's
+
+    model = WithNorm()
+    plan = init_module(model, 0, "he", overrides={"ln": {"scheme": "constant", "value": 0.5}})
+    assert torch.equal(model.ln.weight, torch.full((4,), 0.5))
+    assert torch.equal(plan.initial("ln.bias"), torch.full((4,), 0.5))
+    with pytest.raises(
+        ValueError,
+        match=r"^init override\(s\) \['extra'\] matched no parameter; names look like fc.weight",
+    ):
+        init_module(WithNorm(), 0, "he", overrides={"extra": "zeros"})
+
+
 def test_override_matching_nothing_is_refused_with_the_module_untouched() -> None:
     model = MLP()
     before = copy.deepcopy(model.state_dict())
