@@ -59,6 +59,18 @@ class Block:
     spec: TensorInit
 
 
+def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over each tensor's name, shape and float32 bytes, in the given order: the
+    fingerprint of a set of initial weights (regenerated or read off a live module)."""
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class InitPlan:
     """How every initialized parameter regenerates. Plain data: it round-trips through
@@ -88,13 +100,7 @@ class InitPlan:
 
     def fingerprint(self, dtype: torch.dtype = torch.float32) -> str:
         """sha256 over names, shapes and the bytes of every regenerated initial tensor."""
-        h = hashlib.sha256()
-        for name in self.blocks:
-            t = self.initial(name, dtype).contiguous()
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()
+        return tensors_sha256((name, self.initial(name, dtype)) for name in self.blocks)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ import cdi_experiments
 from cdi_experiments.config_check import ConfigError, check_config, check_group_overrides
 from cdi_experiments.generator import bits as B
 from cdi_experiments.paths import RunPaths, atomic_write_text
+from cdi_experiments.torch_init import tensors_sha256
 from cdi_experiments.tracking import DeterministicInitCallback, InitIdentityError, tracked_module
 
 log = logging.getLogger(__name__)
@@ -240,17 +240,11 @@ class RngState(Callback):
 def weights_fingerprint(module: torch.nn.Module, names: Sequence[str]) -> str:
     """sha256 over the names, shapes and float32 bytes of ``module``'s parameters ``names``.
 
-    Hashed the way :meth:`cdi_experiments.torch_init.InitPlan.fingerprint` hashes the regenerated
-    initial tensors, so right after init the two are equal.
+    Hashed like :meth:`cdi_experiments.torch_init.InitPlan.fingerprint` (one function,
+    :func:`~cdi_experiments.torch_init.tensors_sha256`), so right after init the two are equal.
     """
     params = dict(module.named_parameters())
-    h = hashlib.sha256()
-    for name in names:
-        t = params[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return tensors_sha256((name, params[name]) for name in names)
 
 
 class RankInitFingerprint(Callback):
