@@ -29,7 +29,6 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from cdi_experiments.generator.core import (
     resolve_backend,
 )
 from cdi_experiments.generator.facade import DeterministicNoiseGenerator
+from cdi_experiments.paths import atomic_write
 
 PROG = "cdi-matrix"
 DEFAULTS = {"seed": 42, "rows": 10, "cols": 20, "mode": "he", "layer_id": 0}
@@ -482,25 +482,15 @@ def check_save_path(text: str) -> Path:
 
 
 def save_npy_atomic(path: Path, m: np.ndarray) -> None:
-    """``np.save`` to a temporary file beside ``path``, then rename it over ``path``.
+    """``np.save`` through :func:`cdi_experiments.paths.atomic_write` (never a partial file)."""
 
-    Readers see the old file or the complete new one, never a partial write; on failure the
-    temporary file is removed and ``path`` is untouched.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             np.save(fh, m)
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a saved file is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- input

@@ -1,9 +1,15 @@
-"""Every file a run writes, named in one place."""
+"""Every file a run writes, named in one place, and the one way they are written (atomically).
+
+Also the command-line tools' shared argument parser, whose errors are one line.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -73,40 +79,49 @@ class RunPaths:
         return self.root / DONE_MARKER
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename,
-    so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
-
-def atomic_torch_save(path: str | os.PathLike, obj: object) -> None:
-    """``torch.save`` through a temporary file and a rename (never a half-written file)."""
-    import torch
-
+    Readers see the old file or the complete new one, never a partial write; on failure the
+    temporary file is removed and ``path`` is untouched. The file gets the usual mode
+    (``0666 & ~umask``), not mkstemp's 0600: results are meant to be shared.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write` of a text."""
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: object) -> None:
+    """:func:`atomic_write` of ``torch.save(obj)``."""
+    import torch
+
+    atomic_write(path, lambda p: torch.save(obj, p))
+
+
 def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:
     """:func:`atomic_write_text` for a DataFrame (no index column)."""
     atomic_write_text(path, df.to_csv(index=False))
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one stderr line, ``<prog>: error: <message>``, and
+    exit code 2 (argparse's own prints the usage too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)

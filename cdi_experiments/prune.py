@@ -20,7 +20,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cdi_experiments.paths import RunPaths, atomic_torch_save, atomic_write_csv
+from cdi_experiments.paths import (
+    OneLineArgumentParser,
+    RunPaths,
+    atomic_torch_save,
+    atomic_write_csv,
+)
 from cdi_experiments.torch_init import InitPlan
 
 log = logging.getLogger(__name__)
@@ -145,12 +150,6 @@ def run_prune_stage(
 # ----------------------------------------------------------------------------- cdi-prune
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        print(f"cdi-prune: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def load_run(ckpt: Path) -> tuple[nn.Module, InitPlan, DictConfig]:
     """Model, init plan and config from a ``cdi-train`` checkpoint (weights_only load)."""
     from cdi_experiments.lit_module import Classifier
@@ -259,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     Bad input gives one ``cdi-prune: error: ...`` line on stderr and exit code 2, and writes
     nothing.
     """
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog="cdi-prune",
         description="Prune a cdi-train checkpoint and compare criteria. Defaults come from the "
         "run's own config; the initial weights are regenerated from the checkpoint's identity.",

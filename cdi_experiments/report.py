@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from cdi_experiments.paths import (
     METRICS_CSV,
     PRUNE_CSV,
     RUN_INFO_JSON,
+    OneLineArgumentParser,
     atomic_write_csv,
     atomic_write_text,
 )
@@ -455,15 +455,9 @@ class _ReportError(ValueError):
     """Bad command-line input; becomes one stderr line and exit code 2."""
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"cdi-report: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``cdi-report [ROOTS...] [--out DIR] [--threshold T]``; returns the exit code."""
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog="cdi-report", description="Aggregate cdi-train runs into tables and figures."
     )
     parser.add_argument(

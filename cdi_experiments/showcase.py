@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +48,7 @@ from cdi_experiments.datasets import DatasetError, load_tensors
 from cdi_experiments.generator import DEFAULT_THRESHOLD, GENERATOR_VERSION
 from cdi_experiments.generator.core import check_threshold
 from cdi_experiments.models import build_model
+from cdi_experiments.paths import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -339,22 +338,6 @@ def _pixel_lines(facts: dict[str, Any], train_images: int, control: dict | None)
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -443,9 +426,9 @@ def run(cfg: ShowcaseConfig, echo: Callable[[str], None] = print) -> ShowcaseRes
 
     out = Path(cfg.out)
     files = {name: out / name for name in (LAYERS_CSV, PRUNE_CSV, SUMMARY_JSON, MODEL_PT)}
-    _atomic_write(files[LAYERS_CSV], lambda p: main.layers.to_csv(p, index=False))
-    _atomic_write(files[PRUNE_CSV], lambda p: main.prune.to_csv(p, index=False))
-    _atomic_write(
+    atomic_write(files[LAYERS_CSV], lambda p: main.layers.to_csv(p, index=False))
+    atomic_write(files[PRUNE_CSV], lambda p: main.prune.to_csv(p, index=False))
+    atomic_write(
         files[MODEL_PT],
         lambda p: torch.save(
             {
@@ -459,7 +442,7 @@ def run(cfg: ShowcaseConfig, echo: Callable[[str], None] = print) -> ShowcaseRes
         ),
     )
     summary["total_seconds"] = time.perf_counter() - t_start
-    _atomic_write(files[SUMMARY_JSON], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_write(files[SUMMARY_JSON], lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
     say()
     say(f"wrote {', '.join(str(p) for p in files.values())}")
     say(f"total {summary['total_seconds']:.1f} s")

@@ -20,6 +20,7 @@ from cdi_experiments.generator.core import (
     generate,
     generate_tensor,
     iter_deltas,
+    resolve_backend,
 )
 
 DEFAULT_THRESHOLD = 1e-5
@@ -63,8 +64,6 @@ class DeterministicNoiseGenerator:
 
     def __init__(self, seed: int = 42, backend: str = "auto") -> None:
         self.seed = check_index(seed, "seed")
-        from cdi_experiments.generator.core import resolve_backend
-
         resolve_backend(backend)
         self.backend = backend
 
