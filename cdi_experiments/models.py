@@ -160,7 +160,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
     Returns:
         The model, initialized by torch's defaults (re-initialize with
-        :func:`cdi_experiments.torch_init.init_module`).
+        :func:`cdi_experiments.modules.init_module`).
 
     Raises:
         ValueError: Unknown ``name``, an argument the model does not take, or a bad value.

@@ -33,8 +33,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from cdi_experiments.data import NORMALIZATION, ImageDataModule
-from cdi_experiments.lit_module import Classifier
+from cdi_experiments.lightning.datamodule import NORMALIZATION, ImageDataModule
+from cdi_experiments.lightning.classifier import Classifier
 from cdi_experiments.models import build_model
 
 BATCH_SIZE = 64
@@ -102,7 +102,7 @@ def naive_dataset(dm: ImageDataModule) -> torch.utils.data.Dataset:
     from torchvision import transforms
 
     from cdi_experiments import datasets
-    from cdi_experiments.data import split_indices
+    from cdi_experiments.lightning.datamodule import split_indices
 
     mean, std = NORMALIZATION[dm.name]
     cls = tv_datasets.MNIST if dm.name == "mnist" else tv_datasets.FashionMNIST

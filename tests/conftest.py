@@ -90,13 +90,13 @@ def run_cli(
     env: dict[str, str] | None = None,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``cdi-train *args`` (or ``python -m cdi_experiments.train``) in ``cwd``.
+    """Run ``cdi-train *args`` (or ``python -m cdi_experiments.run.train``) in ``cwd``.
 
     A single run goes to ``cwd/run`` unless ``args`` name a ``hydra.run.dir``; a sweep (``-m``)
     goes where ``hydra.sweep.dir`` says, by default under ``cwd/outputs``. ``env`` entries are
     added to ``os.environ``.
     """
-    cmd = [sys.executable, "-m", "cdi_experiments.train"] if module else [str(CDI_TRAIN)]
+    cmd = [sys.executable, "-m", "cdi_experiments.run.train"] if module else [str(CDI_TRAIN)]
     if not any(a.startswith(("hydra.run.dir=", "-")) for a in args):
         args = [*args, f"hydra.run.dir={Path(cwd) / 'run'}"]
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}

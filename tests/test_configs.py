@@ -12,8 +12,8 @@ import pytest
 from conftest import CONFIG_DIR, compose_cfg, run_cli
 from omegaconf import OmegaConf
 
-from cdi_experiments import train as T
-from cdi_experiments.config_check import GROUPS, ConfigError, check_config
+from cdi_experiments.run import train as T
+from cdi_experiments.run.schema import GROUPS, ConfigError, check_config
 
 OPTIONS = {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml")) for g in GROUPS}
 GROUP_OPTIONS = [(g, o) for g in GROUPS for o in OPTIONS[g]]
@@ -127,7 +127,7 @@ BAD = {
     ),
     "+extra_callbacks.x=3": (
         "extra_callbacks.x=3 is not allowed; use {_target_: module.Class, ...}, e.g. "
-        "+extra_callbacks.x._target_=cdi_experiments.train.RankInitFingerprint"
+        "+extra_callbacks.x._target_=cdi_experiments.run.train.RankInitFingerprint"
     ),
     # A sweep is checked job by job before the first one starts.
     "-m init=zeros,hee": (

@@ -15,7 +15,7 @@ from lightning_fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data.distributed import DistributedSampler
 
 from cdi_experiments import datasets as ds
-from cdi_experiments.data import (
+from cdi_experiments.lightning.datamodule import (
     DATA_ORDER_VERSION,
     NORMALIZATION,
     ImageDataModule,
@@ -215,7 +215,7 @@ def test_lightning_ddp_trainer_leaves_the_loader_alone() -> None:
 def test_fit_serves_each_epoch_in_its_order() -> None:
     import pytorch_lightning as pl
 
-    from cdi_experiments.lit_module import Classifier
+    from cdi_experiments.lightning.classifier import Classifier
 
     dm = ImageDataModule("mnist", limit=128, batch_size=64, seed=11)
     seen: list[torch.Tensor] = []

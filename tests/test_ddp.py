@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import SHRINK, SMALL, cli_ok, run_cli, small_cfg
 
-from cdi_experiments import train as T
+from cdi_experiments.run import train as T
 
-FINGERPRINT = "+extra_callbacks.fingerprint._target_=cdi_experiments.train.RankInitFingerprint"
+FINGERPRINT = "+extra_callbacks.fingerprint._target_=cdi_experiments.run.train.RankInitFingerprint"
 BATCH = 64  # configs/data/mnist.yaml
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdi_experiments import schemes
+from cdi_experiments.generator import schemes
 from cdi_experiments.datasets import load_tensors
 from cdi_experiments.generator import bits as B
 from cdi_experiments.generator import core

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdi_experiments import matrix_cli as cli
-from cdi_experiments import schemes
+from cdi_experiments.cli import matrix as cli
+from cdi_experiments.generator import schemes
 from cdi_experiments.generator.facade import published_check_matrix
 
 PUBLISHED_ROWS = (
@@ -104,7 +104,7 @@ def test_console_script_and_module(tmp_path: Path) -> None:
     for published in PUBLISHED_ROWS:
         assert published in done.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "cdi_experiments.matrix_cli", "--rows", "0"],
+        [sys.executable, "-m", "cdi_experiments.cli.matrix", "--rows", "0"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -16,7 +16,7 @@ from torch import nn
 
 from cdi_experiments import datasets as ds
 from cdi_experiments import pruning as P
-from cdi_experiments import torch_init
+from cdi_experiments import modules as torch_init
 
 RANKED = ("magnitude", "movement", "magnitude_increase", "random")
 WEIGHTS = ["fc1.weight", "fc2.weight", "fc3.weight"]

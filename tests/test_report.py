@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from conftest import quick_cfg
 
-from cdi_experiments import report
-from cdi_experiments import train as train_mod
+from cdi_experiments.run import report
+from cdi_experiments.run import train as train_mod
 
 REPO = Path(__file__).resolve().parent.parent
 CDI_REPORT = Path(sys.executable).parent / "cdi-report"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdi_experiments import schemes
+from cdi_experiments.generator import schemes
 from cdi_experiments.generator import core
 from cdi_experiments.generator.facade import DeterministicNoiseGenerator
 

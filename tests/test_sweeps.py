@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 from conftest import cli_ok, run_cli, small_cfg
 
-from cdi_experiments import train as T
+from cdi_experiments.run import train as T
 
 QUICK = [
     "experiment=quick",

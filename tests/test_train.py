@@ -17,10 +17,10 @@ from conftest import SHRINK, cli_ok, run_cli, small_cfg
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from cdi_experiments import train as T
-from cdi_experiments.config_check import ConfigError
+from cdi_experiments.run import train as T
+from cdi_experiments.run.schema import ConfigError
 from cdi_experiments.paths import RunPaths
-from cdi_experiments.tracking import InitIdentityError
+from cdi_experiments.lightning.callback import InitIdentityError
 
 MODELS = ("mlp", "mlp_dropout", "cnn", "attention")
 ERR = "cdi-train: error: "
@@ -174,7 +174,7 @@ def test_resume_after_crash_in_process(tmp_path: Path, caplog: pytest.LogCapture
     with pytest.raises(RuntimeError, match="simulated crash"):
         T.train(crashing)
     assert (run / "checkpoints/last.ckpt").exists() and not (run / "run_info.json").exists()
-    with caplog.at_level(logging.INFO, logger="cdi_experiments.train"):
+    with caplog.at_level(logging.INFO, logger="cdi_experiments.run.train"):
         T.train(cfg)
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in caplog.text
     T.train(small_cfg(ref, [*RESUME, "trainer.max_epochs=2"]))

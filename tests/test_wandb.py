@@ -16,8 +16,8 @@ import torch
 import wandb
 from conftest import SHRINK, cli_ok, run_cli, small_cfg
 
-from cdi_experiments import train as T
-from cdi_experiments import wandb_offline as W
+from cdi_experiments.run import train as T
+import wandb_offline as W
 
 WANDB_ENV = ("WANDB_MODE", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_DIR")
 

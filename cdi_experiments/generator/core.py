@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdi_experiments import schemes
 from cdi_experiments.generator import bits as B
+from cdi_experiments.generator import schemes
 from cdi_experiments.generator import vectorized as V
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class TensorInit:
         seed: generator seed, in [0, 2**64).
         layer_id: first coordinate of every element, in [0, 2**64).
         shape: full tensor shape (torch layout).
-        scheme: registry name (see :mod:`cdi_experiments.schemes`).
+        scheme: registry name (see :mod:`cdi_experiments.generator.schemes`).
         params: the scheme's parameters.
         fan_in, fan_out: override the shape's fans (biases use their weight's).
         zero_mean: subtract each filter's (first-axis slice's) mean, as conv kernels do.

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdi_experiments import schemes
 from cdi_experiments.generator import bits as B
+from cdi_experiments.generator import schemes
 from cdi_experiments.generator import vectorized as V
 from cdi_experiments.generator.core import (
     DEFAULT_CHUNK_ELEMS,

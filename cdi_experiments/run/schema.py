@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cdi_experiments import schemes
+from cdi_experiments.generator import schemes
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LOGGERS = ("csv", "tensorboard", "wandb")
@@ -104,7 +104,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"extra_callbacks.{name}",
                 spec,
                 f"use {{_target_: module.Class, ...}}, e.g. +extra_callbacks.{name}._target_="
-                "cdi_experiments.train.RankInitFingerprint",
+                "cdi_experiments.run.train.RankInitFingerprint",
             )
     d = c["data"]
     _choice("data.name", d.get("name"), DATASETS)

@@ -41,15 +41,19 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 import cdi_experiments
-from cdi_experiments.config_check import ConfigError, check_config, check_group_overrides
 from cdi_experiments.generator import bits as B
+from cdi_experiments.lightning.callback import (
+    DeterministicInitCallback,
+    InitIdentityError,
+    tracked_module,
+)
+from cdi_experiments.modules import tensors_sha256
 from cdi_experiments.paths import RunPaths, atomic_write_text
-from cdi_experiments.torch_init import tensors_sha256
-from cdi_experiments.tracking import DeterministicInitCallback, InitIdentityError, tracked_module
+from cdi_experiments.run.schema import ConfigError, check_config, check_group_overrides
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 CONFIG_NAME = "train"
 PREFLIGHT_MAX_JOBS = 256  # sweeps larger than this are checked job by job as they start
 
@@ -85,13 +89,13 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def build_datamodule(cfg: DictConfig):
-    from cdi_experiments.data import ImageDataModule
+    from cdi_experiments.lightning.datamodule import ImageDataModule
 
     return ImageDataModule(**plain(cfg.data), seed=int(cfg.seed))
 
 
 def build_lit_module(cfg: DictConfig):
-    from cdi_experiments.lit_module import Classifier
+    from cdi_experiments.lightning.classifier import Classifier
 
     return Classifier(model_cfg=plain(cfg.model), optimizer=plain(cfg.optimizer))
 
@@ -240,8 +244,8 @@ class RngState(Callback):
 def weights_fingerprint(module: torch.nn.Module, names: Sequence[str]) -> str:
     """sha256 over the names, shapes and float32 bytes of ``module``'s parameters ``names``.
 
-    Hashed like :meth:`cdi_experiments.torch_init.InitPlan.fingerprint` (one function,
-    :func:`~cdi_experiments.torch_init.tensors_sha256`), so right after init the two are equal.
+    Hashed like :meth:`cdi_experiments.modules.InitPlan.fingerprint` (one function,
+    :func:`~cdi_experiments.modules.tensors_sha256`), so right after init the two are equal.
     """
     params = dict(module.named_parameters())
     return tensors_sha256((name, params[name]) for name in names)
@@ -254,7 +258,7 @@ class RankInitFingerprint(Callback):
     before the strategy wraps it (DDP broadcasts rank 0's weights when it wraps), so equal files
     show that every rank generated the same weights by itself. Writes
     ``<run_dir>/rank<k>_init.sha256``. Enable with
-    ``+extra_callbacks.fingerprint._target_=cdi_experiments.train.RankInitFingerprint``.
+    ``+extra_callbacks.fingerprint._target_=cdi_experiments.run.train.RankInitFingerprint``.
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -352,7 +356,7 @@ def _ddp_rank_command(local_rank: int) -> tuple[list[str], str]:
     from hydra.utils import get_original_cwd
 
     hc = HydraConfig.get()
-    command = [sys.executable, "-m", "cdi_experiments.train", *hc.overrides.task]
+    command = [sys.executable, "-m", "cdi_experiments.run.train", *hc.overrides.task]
     command += [
         f'hydra.run.dir="{hc.runtime.output_dir}"',
         f"hydra.job.name=train_ddp_process_{local_rank}",
@@ -474,7 +478,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 trainer.test(lit, datamodule=dm, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero and cfg.prune.enabled:
-            from cdi_experiments.prune import run_prune_stage
+            from cdi_experiments.run.prune_stage import run_prune_stage
 
             if trainer.world_size > 1:
                 # Rank 0 prunes alone: it must see the whole test set, not its DDP shard
@@ -489,7 +493,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     run_info(cfg, callback, {"final_metrics": metrics}), indent=2, default=str
                 ),
             )
-            from cdi_experiments.report import run_figures, summarize_run
+            from cdi_experiments.run.report import run_figures, summarize_run
 
             run_figures(paths.root, float(cfg.prune.threshold))
             print(summarize_run(paths.root, metrics, callback, prune_df))

@@ -18,7 +18,7 @@ the main run's.
 
 Exit status: 0 on success, 2 for bad flags, 1 when the run fails (e.g. MNIST missing: run
 ``cdi-data fetch``). Files written under ``--out`` (each atomically) for the main run:
-``layers.csv`` (:func:`torch_init.analyze_module`), ``prune.csv``
+``layers.csv`` (:func:`modules.analyze_module`), ``prune.csv``
 (:func:`pruning.prune_and_evaluate`), ``summary.json`` (every headline number, the control
 run's too, config and versions) and ``model.pt`` (trained state dict plus the init plan, so
 every number can be recomputed).
@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cdi_experiments import __version__, pruning, torch_init
+from cdi_experiments import __version__, modules, pruning
 from cdi_experiments.datasets import DatasetError, load_tensors
 from cdi_experiments.generator import DEFAULT_THRESHOLD, GENERATOR_VERSION
 from cdi_experiments.generator.core import check_threshold
@@ -159,7 +159,7 @@ def _train(
 @dataclass
 class _Outcome:
     model: nn.Module
-    plan: torch_init.InitPlan
+    plan: modules.InitPlan
     layers: pd.DataFrame
     prune: pd.DataFrame
     facts: dict[str, Any]
@@ -173,7 +173,7 @@ def _experiment(
     torch.manual_seed(cfg.seed)
     x_train, x_test = _prepare(data.train_images, center), _prepare(data.test_images, center)
     model = build_model("mlp")  # 784-128-64-10, fc1..fc3; fc1.weight[:, j] reads pixel j
-    plan = torch_init.init_module(model, cfg.seed, "he", layer_ids="name")
+    plan = modules.init_module(model, cfg.seed, "he", layer_ids="name")
     say(
         f"init: {sum(p.numel() for p in model.parameters()):,} parameters, all regenerable "
         f"from the plan (fingerprint {plan.fingerprint()[:12]})"
@@ -193,7 +193,7 @@ def _experiment(
     train_s = time.perf_counter() - t0
 
     thresholds = tuple(sorted({*LAYER_THRESHOLDS, threshold}))
-    layers = torch_init.analyze_module(model, plan, thresholds)
+    layers = modules.analyze_module(model, plan, thresholds)
     face_value = (sum(CLAIM_SLEEPING_PCT) / 200,)  # the claim's midpoint, as a sparsity
     tables = []
     if threshold != 0.0:

@@ -21,11 +21,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from cdi_experiments import schemes
 from cdi_experiments.generator import bits as B
+from cdi_experiments.generator import schemes
 from cdi_experiments.generator.core import DEFAULT_CHUNK_ELEMS, check_threshold
+from cdi_experiments.modules import DELTA_EDGES, DeltaStats, InitPlan, init_module, param_deltas
 from cdi_experiments.paths import RunPaths, atomic_write_csv
-from cdi_experiments.torch_init import DELTA_EDGES, DeltaStats, InitPlan, init_module, param_deltas
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,12 @@ class DeterministicInitCallback(Callback):
       as moved);
     * ``delta_mean/<param>``, ``delta_max/<param>``: exact mean and max of ``|w - w0|``;
     * ``delta_qNN/<param>``: approximate quantiles from a histogram with fixed log-spaced edges
-      (8 per decade, :data:`~cdi_experiments.torch_init.DELTA_EDGES`). The estimate lies in the
+      (8 per decade, :data:`~cdi_experiments.modules.DELTA_EDGES`). The estimate lies in the
       same bin as the nearest-rank quantile (``np.quantile(d, q, method="inverted_cdf")``), so
       it is within a factor ``10**(1/8)`` (~1.33) of it for ``|w - w0|`` in ``[1e-10, 10]``;
       0 exactly when that order statistic is 0. It can differ more from numpy's default
       (linear interpolation between order statistics) on small tensors, where neighbouring
-      order statistics lie bins apart. See :meth:`~cdi_experiments.torch_init.DeltaStats.quantile`.
+      order statistics lie bins apart. See :meth:`~cdi_experiments.modules.DeltaStats.quantile`.
 
     Epoch ``-1`` (the initial weights, all zeros) is written to ``layer_changes.csv`` but not
     logged. With ``histograms``, ``delta_histograms.csv`` holds per-epoch bin counts (one row

@@ -38,8 +38,8 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from cdi_experiments import schemes
 from cdi_experiments.generator import bits as B
+from cdi_experiments.generator import schemes
 from cdi_experiments.generator.core import (
     TensorInit,
     generate,
@@ -87,7 +87,7 @@ def generate_matrix(
     Args:
         seed, layer_id: generator coordinates, in [0, 2**64).
         rows, cols: shape; also fan_in and fan_out of the scheme.
-        mode: scheme name or alias (:func:`cdi_experiments.schemes.names`).
+        mode: scheme name or alias (:func:`cdi_experiments.generator.schemes.names`).
         orthogonal: QR of the same Gaussian, rescaled to the scheme's target std.
         backend: generator backend (``auto``, ``numba``, ``numpy``, ``torch``).
         device: a torch device to generate on (``cuda``); ``None`` is the CPU kernels.

@@ -20,20 +20,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cdi_experiments.modules import InitPlan
 from cdi_experiments.paths import (
     OneLineArgumentParser,
     RunPaths,
     atomic_torch_save,
     atomic_write_csv,
 )
-from cdi_experiments.torch_init import InitPlan
 
 log = logging.getLogger(__name__)
 
 
 def make_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     """The optimizer a config names (same mapping as the LightningModule's)."""
-    from cdi_experiments.lit_module import build_optimizer
+    from cdi_experiments.lightning.classifier import build_optimizer
 
     return build_optimizer(params, cfg)
 
@@ -152,7 +152,7 @@ def run_prune_stage(
 
 def load_run(ckpt: Path) -> tuple[nn.Module, InitPlan, DictConfig]:
     """Model, init plan and config from a ``cdi-train`` checkpoint (weights_only load)."""
-    from cdi_experiments.lit_module import Classifier
+    from cdi_experiments.lightning.classifier import Classifier
 
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         model, plan, cfg = load_run(args.checkpoint)
         cfg = OmegaConf.merge(cfg, {"prune": {**overrides, "enabled": True}})
-        from cdi_experiments.config_check import check_config
-        from cdi_experiments.train import build_datamodule
+        from cdi_experiments.run.schema import check_config
+        from cdi_experiments.run.train import build_datamodule
 
         check_config(cfg)
         out = RunPaths(args.out or args.checkpoint.resolve().parent.parent)

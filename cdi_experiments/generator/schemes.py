@@ -10,7 +10,7 @@ generator's addressable streams, so every scheme regenerates exactly:
   ``diag(R) > 0`` (Saxe et al. 2014, https://arxiv.org/abs/1312.6120), times ``gain``.
 
 LSUV (Mishkin & Matas 2016, https://arxiv.org/abs/1511.06422) is ``orthogonal`` plus a
-per-layer scale fitted on a data batch; it lives in :mod:`cdi_experiments.torch_init`.
+per-layer scale fitted on a data batch; it lives in :mod:`cdi_experiments.modules`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,298 @@
+"""Deterministic initialization of whole ``nn.Module``s.
+
+:func:`init_module` walks a module, writes every supported parameter from the generator and
+returns an :class:`InitPlan`: for each parameter, the :class:`TensorInit` blocks that
+regenerate it. Layers are addressed by a stable id derived from the parameter's name
+(``layer_ids="name"``, the default), so adding a layer never reshuffles the others; integer
+ids in module order (``layer_ids="index"``) match the original tool's numbering.
+
+Supported: Linear, Conv1d/2d/3d (and transposed), Embedding, MultiheadAttention (the packed
+``in_proj_weight`` is split into Q, K and V blocks, each addressed and scaled as its own
+``(E, E)`` matrix), and norm layers (weight ones, bias zeros). Other parameters are left as
+they are and not tracked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from cdi_experiments.generator import schemes
+from cdi_experiments.generator.core import TensorInit, fans, generate_tensor, layer_id_for
+from cdi_experiments.modules.plan import Block, InitPlan
+
+log = logging.getLogger(__name__)
+
+LAYER_ID_MODES = ("name", "index")
+_BIAS_INDEX_OFFSET = 1 << 32  # integer ids of biases in "index" mode, clear of weights'
+_NORM_INDEX_OFFSET = 1 << 33  # and of norm layers', so a norm never shifts the biases' ids
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+_CONVS = (nn.modules.conv._ConvNd,)
+
+
+def _scheme_and_params(
+    choice: Any, default_params: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    if isinstance(choice, str):
+        return choice, dict(default_params)
+    if isinstance(choice, Mapping):
+        c = dict(choice)
+        if "scheme" not in c:
+            raise ValueError(f"an init override needs a 'scheme' key, got {sorted(c)}")
+        return str(c.pop("scheme")), c
+    raise ValueError(f"an init override must be a scheme name or a mapping, got {choice!r}")
+
+
+def _override_for(param_name: str, overrides: Mapping[str, Any]) -> Any | None:
+    """The override whose key is the parameter's name or one of its module prefixes (longest)."""
+    best, best_len = None, -1
+    for key, value in overrides.items():
+        if (param_name == key or param_name.startswith(key + ".")) and len(key) > best_len:
+            best, best_len = value, len(key)
+    return best
+
+
+class _Ids:
+    def __init__(self, mode: str) -> None:
+        if mode not in LAYER_ID_MODES:
+            raise ValueError(f"layer_ids must be one of {LAYER_ID_MODES}, got {mode!r}")
+        self.mode, self.weights, self.biases, self.norms = mode, 0, 0, 0
+
+    def weight(self, name: str) -> int:
+        if self.mode == "name":
+            return layer_id_for(name)
+        self.weights += 1
+        return self.weights - 1
+
+    def bias(self, name: str) -> int:
+        if self.mode == "name":
+            return layer_id_for(name)
+        self.biases += 1
+        return _BIAS_INDEX_OFFSET + self.biases - 1
+
+    def norm(self, name: str) -> int:
+        if self.mode == "name":
+            return layer_id_for(name)
+        self.norms += 1
+        return _NORM_INDEX_OFFSET + self.norms - 1
+
+
+def _weight_specs(
+    module: nn.Module,
+    pname: str,
+    param: torch.Tensor,
+    seed: int,
+    scheme: str,
+    params: dict,
+    ids: _Ids,
+    zero_mean_conv: bool,
+) -> list[Block]:
+    shape = tuple(param.shape)
+    if isinstance(module, nn.MultiheadAttention) and pname.endswith("in_proj_weight"):
+        e = module.embed_dim
+        return [
+            Block(
+                k * e,
+                (k + 1) * e,
+                TensorInit(seed, ids.weight(f"{pname}.{part}"), (e, shape[1]), scheme, params),
+            )
+            for k, part in enumerate("qkv")
+        ]
+    zero_mean = zero_mean_conv and isinstance(module, _CONVS)
+    return [
+        Block(
+            0,
+            shape[0],
+            TensorInit(seed, ids.weight(pname), shape, scheme, params, zero_mean=zero_mean),
+        )
+    ]
+
+
+def _apply(param: torch.Tensor, blocks: list[Block]) -> None:
+    with torch.no_grad():
+        for b in blocks:
+            param[b.start : b.stop].copy_(
+                generate_tensor(b.spec, dtype=param.dtype, device=param.device)
+            )
+
+
+def init_module(
+    module: nn.Module,
+    seed: int = 0,
+    scheme: str = "he",
+    *,
+    params: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    layer_ids: str = "name",
+    biases: bool = True,
+    norms: bool = True,
+    zero_mean_conv: bool = False,
+    lsuv_batch: torch.Tensor | None = None,
+    lsuv_tol: float = 0.05,
+    lsuv_max_iter: int = 10,
+) -> InitPlan:
+    """Initialize ``module`` in place, deterministically, and return its :class:`InitPlan`.
+
+    Args:
+        module: any ``nn.Module``.
+        seed: generator seed (0 is a seed).
+        scheme: registry name for weights (see :func:`cdi_experiments.generator.schemes.names`) or ``"lsuv"``
+            (orthogonal, then each layer rescaled on ``lsuv_batch`` to unit output variance).
+        params: the scheme's parameters (``{"std": 0.02}`` for ``custom``, ...).
+        overrides: per-module or per-parameter scheme, e.g. ``{"fc1": "zeros"}`` or
+            ``{"attn": {"scheme": "custom", "std": 0.044}}`` (longest matching prefix wins).
+        layer_ids: ``"name"`` (stable ids from parameter names) or ``"index"``: weights 0, 1,
+            2, ... in module order, biases ``2**32 + k``, norm parameters ``2**33 + k``.
+        biases: initialize biases (zeros, or the scheme's own addressable draw when it has one,
+            as ``torch_default`` does) and track them.
+        norms: set norm layers' weights to ones and biases to zeros, and track them.
+        zero_mean_conv: shift each conv filter to zero mean (``init_conv_kernel``).
+        lsuv_batch: the input batch LSUV fits its scales on (required for ``lsuv``).
+
+    Raises:
+        ValueError: unknown scheme, bad parameters, a parameter that matched nothing, or LSUV
+            without a batch.
+    """
+    params = dict(params or {})
+    overrides = dict(overrides or {})
+    lsuv = scheme == "lsuv"
+    if lsuv and lsuv_batch is None:
+        raise ValueError("init scheme 'lsuv' is data-dependent: pass lsuv_batch=<an input batch>")
+    base_scheme = "orthogonal" if lsuv else scheme
+    if not lsuv:
+        schemes.get(scheme)
+    ids = _Ids(layer_ids)
+    plan = InitPlan(int(seed), scheme)
+    used_overrides: set[str] = set()
+    # every spec is built (and so validated) before the first write: a bad override or scheme
+    # parameter raises with the module untouched
+    todo: list[tuple[torch.Tensor, list[Block]]] = []
+    for mname, m in module.named_modules():
+        for local, param in m.named_parameters(recurse=False):
+            pname = f"{mname}.{local}" if mname else local
+            is_bias = "bias" in local
+            ov = _override_for(pname, overrides)
+            if ov is not None:
+                s_name, s_params = _scheme_and_params(ov, {})
+            else:
+                s_name, s_params = base_scheme, params
+            if isinstance(m, _NORMS):
+                if not norms:
+                    continue
+                blocks = [
+                    Block(
+                        0,
+                        param.shape[0],
+                        TensorInit(
+                            seed,
+                            ids.norm(pname),
+                            tuple(param.shape),
+                            *(
+                                (s_name, s_params)
+                                if ov is not None
+                                else ("zeros" if is_bias else "ones", {})
+                            ),
+                        ),
+                    )
+                ]
+            elif (
+                isinstance(m, (nn.Linear, nn.Embedding, nn.MultiheadAttention, *_CONVS))
+                and not is_bias
+            ):
+                if local not in (
+                    "weight",
+                    "in_proj_weight",
+                    "q_proj_weight",
+                    "k_proj_weight",
+                    "v_proj_weight",
+                ):
+                    continue
+                blocks = _weight_specs(m, pname, param, seed, s_name, s_params, ids, zero_mean_conv)
+            elif isinstance(m, (nn.Linear, nn.MultiheadAttention, *_CONVS)) and is_bias:
+                if not biases:
+                    continue
+                blocks = [_bias_block(m, pname, param, seed, s_name, s_params, ids)]
+            else:
+                continue
+            todo.append((param, blocks))
+            plan.blocks[pname] = blocks
+            # an override counts as used only where it initialized something
+            used_overrides.update(k for k in overrides if pname == k or pname.startswith(k + "."))
+    unused = set(overrides) - used_overrides
+    if unused:
+        raise ValueError(
+            f"init override(s) {sorted(unused)} matched no parameter; names look like "
+            f"{', '.join(list(plan.blocks)[:4])}"
+        )
+    for param, blocks in todo:
+        _apply(param, blocks)
+    if lsuv:
+        _lsuv(module, plan, lsuv_batch, lsuv_tol, lsuv_max_iter)
+    return plan
+
+
+def _bias_block(
+    m: nn.Module, pname: str, param: torch.Tensor, seed: int, scheme: str, params: dict, ids: _Ids
+) -> Block:
+    shape = tuple(param.shape)
+    own = scheme in schemes.names() and schemes.get(scheme).bias == "self"
+    if not own or isinstance(m, nn.MultiheadAttention):  # torch zeroes MHA's packed bias too
+        return Block(0, shape[0], TensorInit(seed, ids.bias(pname), shape, "zeros"))
+    # torch bounds the bias by its weight's fan_in, size(1) * receptive field, transposed convs
+    # included (whose weight is (in, out/groups, k...)): the fan the weight's own spec uses.
+    fan_in = fans(tuple(m.weight.shape))[0]
+    return Block(
+        0,
+        shape[0],
+        TensorInit(seed, ids.bias(pname), shape, scheme, params, fan_in=fan_in, fan_out=fan_in),
+    )
+
+
+def _lsuv(
+    module: nn.Module, plan: InitPlan, batch: torch.Tensor, tol: float, max_iter: int
+) -> None:
+    """LSUV (Mishkin & Matas 2016): rescale each layer's orthogonal weight until its output
+    variance on ``batch`` is 1. The scale lives in the plan, so regeneration stays exact."""
+    weighted = [
+        (n, m)
+        for n, m in module.named_modules()
+        if isinstance(m, (nn.Linear, *_CONVS)) and f"{n}.weight" in plan.blocks
+    ]
+    was_training = module.training
+    module.eval()
+    try:
+        for name, layer in weighted:
+            pname = f"{name}.weight" if name else "weight"
+            captured: dict[str, torch.Tensor] = {}
+            hook = layer.register_forward_hook(
+                lambda _m, _i, out, c=captured: c.__setitem__("out", out)
+            )
+            scale = 1.0
+            try:
+                for _ in range(max_iter):
+                    with torch.no_grad():
+                        module(batch)
+                    if "out" not in captured:  # never called as a module (MHA's out_proj)
+                        break
+                    var = float(captured["out"].double().var())
+                    if not math.isfinite(var) or var <= 0 or abs(var - 1.0) < tol:
+                        break
+                    scale = scale / math.sqrt(var)
+                    blocks = [
+                        Block(b.start, b.stop, b.spec.with_(scale=scale))
+                        for b in plan.blocks[pname]
+                    ]
+                    _apply(layer.weight, blocks)
+                    plan.blocks[pname] = blocks
+            finally:
+                hook.remove()
+    finally:
+        module.train(was_training)
+
+
+__all__ = ["LAYER_ID_MODES", "init_module"]
