@@ -33,8 +33,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from cdi_experiments.lightning.datamodule import NORMALIZATION, ImageDataModule
 from cdi_experiments.lightning.classifier import Classifier
+from cdi_experiments.lightning.datamodule import NORMALIZATION, ImageDataModule
 from cdi_experiments.models import build_model
 
 BATCH_SIZE = 64

@@ -21,8 +21,13 @@ import torch
 # Keys that describe how a run was launched, not what it computed.
 VOLATILE_JSON_KEYS = {"argv", "host", "pid", "config", "versions", "started", "finished"}
 # Files whose text records the launch (timestamps, the config's shape), not results.
-LAUNCH_FILES = {"train.log", "hparams.yaml", ".hydra/config.yaml", ".hydra/overrides.yaml",
-                ".hydra/hydra.yaml"}
+LAUNCH_FILES = {
+    "train.log",
+    "hparams.yaml",
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    ".hydra/hydra.yaml",
+}
 
 
 def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:

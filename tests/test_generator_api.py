@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdi_experiments.generator import schemes
 from cdi_experiments.datasets import load_tensors
 from cdi_experiments.generator import bits as B
-from cdi_experiments.generator import core
+from cdi_experiments.generator import core, schemes
 from cdi_experiments.generator.facade import DEFAULT_THRESHOLD, DeterministicNoiseGenerator
 
 

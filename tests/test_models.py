@@ -17,8 +17,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from cdi_experiments import datasets as ds
-from cdi_experiments.lightning.datamodule import ImageDataModule
 from cdi_experiments.lightning.classifier import Classifier, build_optimizer, resolve_optimizer_cfg
+from cdi_experiments.lightning.datamodule import ImageDataModule
 from cdi_experiments.models import build_model, names
 from cdi_experiments.modules import init_module
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from cdi_experiments import datasets as ds
-from cdi_experiments import pruning as P
 from cdi_experiments import modules as torch_init
+from cdi_experiments import pruning as P
 
 RANKED = ("magnitude", "movement", "magnitude_increase", "random")
 WEIGHTS = ["fc1.weight", "fc2.weight", "fc3.weight"]

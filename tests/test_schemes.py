@@ -17,8 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdi_experiments.generator import schemes
-from cdi_experiments.generator import core
+from cdi_experiments.generator import core, schemes
 from cdi_experiments.generator.facade import DeterministicNoiseGenerator
 
 SHAPE = (512, 1024)  # torch layout (out, in)

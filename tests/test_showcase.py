@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cdi_experiments import datasets as ds
-from cdi_experiments.run import showcase
 from cdi_experiments.modules import InitPlan
+from cdi_experiments.run import showcase
 
 LIMIT = 3000
 WEIGHTS = ["fc1.weight", "fc2.weight", "fc3.weight"]

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from cdi_experiments.generator import schemes
 from cdi_experiments.datasets import load_tensors
 from cdi_experiments.generator import bits as B
+from cdi_experiments.generator import schemes
 from cdi_experiments.generator.core import TensorInit, generate_tensor, layer_id_for
 from cdi_experiments.generator.facade import DeterministicNoiseGenerator
 from cdi_experiments.modules import (

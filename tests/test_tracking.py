@@ -21,11 +21,11 @@ import torch
 from conftest import quick_cfg
 
 from cdi_experiments import DeterministicNoiseGenerator, layer_id_for
-from cdi_experiments.run import train as train_mod
 from cdi_experiments.generator import bits as B
 from cdi_experiments.generator.core import TensorInit, generate
-from cdi_experiments.modules import InitPlan
 from cdi_experiments.lightning.callback import DeterministicInitCallback, InitIdentityError
+from cdi_experiments.modules import InitPlan
+from cdi_experiments.run import train as train_mod
 
 THRESHOLDS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)

@@ -17,10 +17,10 @@ from conftest import SHRINK, cli_ok, run_cli, small_cfg
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 
+from cdi_experiments.lightning.callback import InitIdentityError
+from cdi_experiments.paths import RunPaths
 from cdi_experiments.run import train as T
 from cdi_experiments.run.schema import ConfigError
-from cdi_experiments.paths import RunPaths
-from cdi_experiments.lightning.callback import InitIdentityError
 
 MODELS = ("mlp", "mlp_dropout", "cnn", "attention")
 ERR = "cdi-train: error: "

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 import wandb
+import wandb_offline as W
 from conftest import SHRINK, cli_ok, run_cli, small_cfg
 
 from cdi_experiments.run import train as T
-import wandb_offline as W
 
 WANDB_ENV = ("WANDB_MODE", "WANDB_DISABLED", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_DIR")
 
