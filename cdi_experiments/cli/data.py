@@ -1,0 +1,10 @@
+"""``cdi-data``: the command line (parse, call, exit code)."""
+
+from __future__ import annotations
+
+from cdi_experiments.datasets import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+__all__ = ["main"]
