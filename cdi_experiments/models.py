@@ -1,28 +1,26 @@
-"""The experiments' classifiers, plain ``nn.Module``s built by name from a config.
+"""The experiments' classifiers: plain ``nn.Module``s that configs build by ``_target_``.
 
 Every model takes ``input_shape`` (one sample, e.g. ``(1, 28, 28)``) and ``num_classes``, flattens
 or tokenizes its input itself, and names its layers so configs can address them
 (``fc1.weight``, ``conv1.weight``, ``attn.in_proj_weight``)::
 
-    mlp          MNIST demo net, 784-128-64-10, ReLU                     fc1, fc2, fc3
-    mlp_dropout  dense layers with dropout (FashionMNIST init comparison) fc1..fcN, drop
-    cnn          two 3x3 convs with ReLU and 2x2 max-pool, linear head     conv1, conv2, fc1
-    attention    image rows as tokens, one multi-head self-attention       embed, pos, attn, norm, head
+    MLP           784-128-64-10, ReLU (configs/model/mlp.yaml); with dropout
+                  256-128 (mlp_dropout.yaml)                            fc1..fcN, drop
+    CNN           two 3x3 convs with ReLU and 2x2 max-pool, linear head  conv1, conv2, fc1
+    RowAttention  image rows as tokens, one multi-head self-attention    embed, pos, attn, norm, head
 
-:func:`build_model` validates the keyword arguments against the constructor (config keys equal
-argument names) and records the resolved configuration on the model as ``model.config``, a plain
-dict that rebuilds it: ``build_model(**model.config)``.
+Any other importable ``nn.Module`` works the same way: ``cdi-train model=custom
+model._target_=mypkg.nets.TinyNet``; ``input_shape`` and ``num_classes`` are passed from the
+datamodule when its constructor takes them.
 
->>> model = build_model("mlp")
->>> model.config
-{'name': 'mlp', 'input_shape': [1, 28, 28], 'num_classes': 10, 'hidden': [128, 64], 'dropout': 0.0}
+>>> MLP(hidden=[32]).fc1
+Linear(in_features=784, out_features=32, bias=True)
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -136,61 +134,6 @@ class RowAttention(nn.Module):
         return self.head(z.mean(dim=1))  # (B, num_classes)
 
 
-# name -> (constructor, defaults that differ from the constructor's)
-_REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
-    "mlp": (MLP, {}),
-    "mlp_dropout": (MLP, {"hidden": (256, 128), "dropout": 0.2}),
-    "cnn": (CNN, {}),
-    "attention": (RowAttention, {}),
-}
-
-
-def names() -> list[str]:
-    """Registered model names."""
-    return list(_REGISTRY)
-
-
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model; ``model.config`` then holds the plain dict that rebuilds it.
-
-    Args:
-        name: One of :func:`names`.
-        **kwargs: Constructor arguments (``input_shape``, ``num_classes`` and the model's own);
-            sequences may be lists or OmegaConf lists.
-
-    Returns:
-        The model, initialized by torch's defaults (re-initialize with
-        :func:`cdi_experiments.modules.init_module`).
-
-    Raises:
-        ValueError: Unknown ``name``, an argument the model does not take, or a bad value.
-    """
-    if name not in _REGISTRY:
-        raise ValueError(f"model name={name!r} is unknown; use one of {', '.join(_REGISTRY)}")
-    cls, defaults = _REGISTRY[name]
-    params = inspect.signature(cls).parameters
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        raise ValueError(
-            f"model {name!r} takes no argument(s) {unknown}; its arguments are {', '.join(params)}"
-        )
-    resolved = {k: p.default for k, p in params.items()}
-    resolved.update(defaults)
-    resolved.update({k: _plain(v) for k, v in kwargs.items()})
-    model = cls(**resolved)
-    model.config = {"name": name, **{k: _plain(v) for k, v in resolved.items()}}
-    return model
-
-
-def _plain(value: Any) -> Any:
-    """Tuples and (OmegaConf) lists to plain lists, so configs pickle without our classes."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Sequence):  # includes OmegaConf's ListConfig
-        return [_plain(v) for v in value]
-    return value
-
-
 def _positive(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key} must be a positive integer, got {value!r}")
@@ -222,4 +165,4 @@ def _image_shape(values: Any) -> tuple[int, int, int]:
     return shape[0], shape[1], shape[2]
 
 
-__all__ = ["CNN", "MLP", "RowAttention", "build_model", "names"]
+__all__ = ["CNN", "MLP", "RowAttention"]

@@ -1,18 +1,15 @@
-"""Every file a run writes, named in one place, and the one way they are written (atomically).
-
-Also the command-line tools' shared argument parser, whose errors are one line.
-"""
+"""Every file a run writes, named in one place, and the one way they are written (atomically)."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas costs start-up time; only the CSV writer needs a DataFrame
+    import pandas as pd
 
 METRICS_CSV = "metrics.csv"
 PRUNE_CSV = "prune_results.csv"
@@ -116,12 +113,3 @@ def atomic_torch_save(path: str | os.PathLike, obj: object) -> None:
 def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:
     """:func:`atomic_write_text` for a DataFrame (no index column)."""
     atomic_write_text(path, df.to_csv(index=False))
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one stderr line, ``<prog>: error: <message>``, and
-    exit code 2 (argparse's own prints the usage too)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from cdi_experiments.lightning.classifier import Classifier
 from cdi_experiments.lightning.datamodule import NORMALIZATION, ImageDataModule
-from cdi_experiments.models import build_model
+from cdi_experiments.models import MLP
 
 BATCH_SIZE = 64
-OPTIMIZER = {"name": "adam", "lr": 1e-3}
+OPTIMIZER = {"_target_": "torch.optim.Adam", "lr": 1e-3}
 
 
 class _EpochTimer(pl.Callback):
@@ -52,7 +52,7 @@ class _EpochTimer(pl.Callback):
 def lightning_epoch(dm: ImageDataModule, seed: int) -> tuple[float, float]:
     """One Lightning epoch; returns (epoch seconds, whole fit() seconds)."""
     torch.manual_seed(seed)
-    module = Classifier(build_model("mlp"), optimizer=OPTIMIZER)
+    module = Classifier(MLP(), optimizer=OPTIMIZER)
     timer = _EpochTimer()
     trainer = pl.Trainer(
         max_epochs=1,
@@ -74,7 +74,7 @@ def lightning_epoch(dm: ImageDataModule, seed: int) -> tuple[float, float]:
 def plain_epoch(x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
     """The same steps in a hand-written loop; returns epoch seconds."""
     torch.manual_seed(seed)
-    model = build_model("mlp")
+    model = MLP()
     optimizer = torch.optim.Adam(model.parameters(), lr=OPTIMIZER["lr"])
     model.train()
     start = time.perf_counter()

@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback
+
+from cdi_experiments.run.preflight import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
@@ -37,8 +38,7 @@ SHRINK = [
 
 def compose_cfg(overrides: Sequence[str] = (), hydra_node: bool = True) -> DictConfig:
     """The composed ``train`` config, exactly as ``cdi-train`` would compose it."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra_node)
+    return compose_config(overrides, hydra_node=hydra_node)
 
 
 def small_cfg(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
@@ -90,13 +90,13 @@ def run_cli(
     env: dict[str, str] | None = None,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``cdi-train *args`` (or ``python -m cdi_experiments.run.train``) in ``cwd``.
+    """Run ``cdi-train *args`` (or ``python -m cdi_experiments.cli.train``) in ``cwd``.
 
     A single run goes to ``cwd/run`` unless ``args`` name a ``hydra.run.dir``; a sweep (``-m``)
     goes where ``hydra.sweep.dir`` says, by default under ``cwd/outputs``. ``env`` entries are
     added to ``os.environ``.
     """
-    cmd = [sys.executable, "-m", "cdi_experiments.run.train"] if module else [str(CDI_TRAIN)]
+    cmd = [sys.executable, "-m", "cdi_experiments.cli.train"] if module else [str(CDI_TRAIN)]
     if not any(a.startswith(("hydra.run.dir=", "-")) for a in args):
         args = [*args, f"hydra.run.dir={Path(cwd) / 'run'}"]
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}

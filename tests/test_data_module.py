@@ -235,7 +235,7 @@ def test_fit_serves_each_epoch_in_its_order() -> None:
         use_distributed_sampler=False,
         callbacks=[Record()],
     )
-    trainer.fit(Classifier(model_cfg={"name": "mlp"}), datamodule=dm)
+    trainer.fit(Classifier(model_cfg={"_target_": "cdi_experiments.models.MLP"}), datamodule=dm)
     for epoch in (0, 1):
         expected = dm.y_train[epoch_order(128, 11, epoch)]
         assert torch.equal(torch.cat(seen[2 * epoch : 2 * epoch + 2]), expected)

@@ -7,18 +7,22 @@ once; no test downloads anything otherwise (the one that does is marked ``slow``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
 
 from cdi_experiments import datasets as ds
+from cdi_experiments.cli import data as data_cli
 
 SPLIT_SIZES = {True: 60000, False: 10000}
 
@@ -33,15 +37,12 @@ def data_root() -> Path:
     return root
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``cdi-data`` in a fresh interpreter, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "cdi_experiments.datasets", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+def _cli(*args: str) -> SimpleNamespace:
+    """``cdi-data ARGS`` in-process: its exit status and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = data_cli.main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def _copy_with_links(data_root: Path, tmp_path: Path, name: str, copied: str) -> Path:
@@ -239,6 +240,24 @@ def test_cli_verify_ok(data_root: Path) -> None:
     proc = _cli("verify", "--root", str(data_root))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("OK") == 2
+
+
+@pytest.mark.integration
+def test_console_script(data_root: Path, tmp_path: Path) -> None:
+    """The installed ``cdi-data``, in a fresh interpreter, as a user runs it."""
+    script = str(Path(sys.executable).with_name("cdi-data"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([script, *args], capture_output=True, text=True, timeout=120)
+
+    ok = run("verify", "--dataset", "mnist", "--root", str(data_root))
+    assert ok.returncode == 0 and ok.stdout.count("OK") == 1, ok.stderr
+    bad = run("verify", "--dataset", "mnist", "--root", str(tmp_path))
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        f"cdi-data: error: {ds.raw_dir('mnist', tmp_path) / ds.RAW_FILES[0]}: missing; fix with: "
+        f"cdi-data fetch --force --dataset mnist --root {tmp_path}"
+    ]
 
 
 @pytest.mark.slow

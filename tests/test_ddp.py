@@ -16,8 +16,12 @@ from conftest import SHRINK, SMALL, cli_ok, run_cli, small_cfg
 
 from cdi_experiments.run import train as T
 
-FINGERPRINT = "+extra_callbacks.fingerprint._target_=cdi_experiments.run.train.RankInitFingerprint"
+FINGERPRINT = (
+    "+callbacks.fingerprint._target_=cdi_experiments.lightning.fingerprint.RankInitFingerprint"
+)
 BATCH = 64  # configs/data/mnist.yaml
+
+pytestmark = pytest.mark.integration
 
 
 def rank_fingerprints(run: Path) -> list[str]:

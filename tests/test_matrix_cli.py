@@ -1,5 +1,6 @@
-"""``cdi-matrix``: the published matrix, statistics computed from the values, every flag, and
-one-line errors. Tests call ``main`` in-process and parse what it prints, as a user reads it.
+"""``cdi-matrix`` and :mod:`cdi_experiments.matrix`: the published matrix, statistics computed
+from the values, every flag, and one-line errors. Tests call ``main`` in-process and parse
+what it prints, as a user reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cdi_experiments import matrix as mx
 from cdi_experiments.cli import matrix as cli
 from cdi_experiments.generator import schemes
 from cdi_experiments.generator.facade import published_check_matrix
@@ -82,14 +84,15 @@ def test_preview_size_and_precision(capsys: pytest.CaptureFixture[str]) -> None:
 def test_generate_matrix_uses_rows_as_fan_in() -> None:
     for mode in ("he", "xavier", "custom"):
         assert np.array_equal(
-            cli.generate_matrix(7, 9, 4, mode), published_check_matrix(7, 9, 4, mode)
+            mx.generate_matrix(7, 9, 4, mode), published_check_matrix(7, 9, 4, mode)
         )
     # uniform bounds from fan_in = rows: he_uniform is U(+-sqrt(6 / rows))
-    m = cli.generate_matrix(7, 300, 2, "he_uniform")
+    m = mx.generate_matrix(7, 300, 2, "he_uniform")
     bound = math.sqrt(6 / 300)
     assert m.min() >= -bound and m.max() < bound and m.max() > 0.9 * bound
 
 
+@pytest.mark.integration
 def test_console_script_and_module(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("cdi-matrix")
     assert script.exists(), "console script missing: run `.venv/bin/pip install -e .`"
@@ -154,15 +157,15 @@ def test_he_target_std_is_sqrt_2_over_rows(
 
 
 def test_std_verdict_follows_the_sampling_tolerance() -> None:
-    target = cli.target_for("he", 10, 20)
+    target = mx.target_for("he", 10, 20)
     n = 200
     tol = target.std_tolerance(n)
     assert tol == pytest.approx(3 * target.std / math.sqrt(2 * n))
     ok = {"shape": (10, 20), "n": n, "mean": 0.0, "std": target.std + 0.9 * tol, "min": -1.0}
     ok |= {"max": 1.0, "within": {1: 0.68, 2: 0.95, 3: 0.997}}
     bad = ok | {"std": target.std + 1.1 * tol}
-    good_line = next(s for s in cli.format_stats(ok, target, 6, cli.UNICODE) if " std " in s)
-    bad_line = next(s for s in cli.format_stats(bad, target, 6, cli.UNICODE) if " std " in s)
+    good_line = next(s for s in mx.format_stats(ok, target, 6, mx.UNICODE) if " std " in s)
+    bad_line = next(s for s in mx.format_stats(bad, target, 6, mx.UNICODE) if " std " in s)
     assert "✓" in good_line and "⚠" not in good_line
     assert "⚠" in bad_line and "3.3 SE" in bad_line
 
@@ -227,7 +230,7 @@ def test_test_repro_reports_bit_identical(capsys: pytest.CaptureFixture[str]) ->
 def test_test_repro_fails_when_a_backend_differs(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = cli.generate_matrix
+    real = mx.generate_matrix
 
     def drifting(*args: object, **kwargs: object) -> np.ndarray:
         m = real(*args, **kwargs)
@@ -236,7 +239,7 @@ def test_test_repro_fails_when_a_backend_differs(
             m[3, 4] = np.nextafter(m[3, 4], np.inf)  # one ulp
         return m
 
-    monkeypatch.setattr(cli, "generate_matrix", drifting)
+    monkeypatch.setattr(mx, "generate_matrix", drifting)
     rc, out, _ = run(capsys, "--test-repro")
     assert rc == 1
     assert "NOT bit-identical" in out
@@ -412,7 +415,7 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
 def test_ascii_terminal_gets_ascii_output(monkeypatch: pytest.MonkeyPatch) -> None:
     buf = io.BytesIO()
     stream = io.TextIOWrapper(buf, encoding="ascii")  # strict: any non-ASCII raises
-    assert cli.glyphs_for(stream) is cli.ASCII
+    assert mx.glyphs_for(stream) is mx.ASCII
     monkeypatch.setattr(sys, "stdout", stream)
     rc = cli.main(["--show-dist", "--test-repro", "--orthogonal", "--compare-modes"])
     stream.flush()

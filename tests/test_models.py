@@ -12,15 +12,27 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from cdi_experiments import datasets as ds
-from cdi_experiments.lightning.classifier import Classifier, build_optimizer, resolve_optimizer_cfg
+from cdi_experiments.lightning.classifier import Classifier, optimizer_factory
 from cdi_experiments.lightning.datamodule import ImageDataModule
-from cdi_experiments.models import build_model, names
+from cdi_experiments.models import CNN, MLP, RowAttention
 from cdi_experiments.modules import init_module
+from cdi_experiments.run.schema import config_dir
+
+MODEL_DIR = Path(config_dir()) / "model"
+MODELS = ("mlp", "mlp_dropout", "cnn", "attention")
+
+
+def build_model(name: str, **kwargs) -> torch.nn.Module:
+    """The model ``configs/model/<name>.yaml`` describes, as ``cdi-train model=<name>`` builds it."""
+    spec = OmegaConf.to_container(OmegaConf.load(MODEL_DIR / f"{name}.yaml"))
+    return instantiate({**spec, **kwargs}, _convert_="all")
+
 
 METRIC_KEYS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
 
@@ -51,7 +63,10 @@ def mnist() -> ImageDataModule:
 def fitted(mnist: ImageDataModule, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("fit")
     torch.manual_seed(0)
-    module = Classifier(build_model("mlp"), optimizer={"name": "adam", "lr": 1e-3})
+    module = Classifier(
+        model_cfg={"_target_": "cdi_experiments.models.MLP"},
+        optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
+    )
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", monitor="val/acc", mode="max")
     trainer = _trainer(root, logger=CSVLogger(root, name="csv"), callbacks=[ckpt])
     trainer.fit(module, datamodule=mnist)
@@ -75,7 +90,7 @@ def test_every_model_classifies_a_real_batch(name: str, mnist: ImageDataModule) 
     x = mnist.sample_batch(16)
     out = model(x)
     assert out.shape == (16, 10) and torch.isfinite(out).all()
-    rebuilt = build_model(**model.config)  # the stored config rebuilds the same architecture
+    rebuilt = build_model(name)  # the config rebuilds the same architecture
     assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == [
         (n, p.shape) for n, p in model.named_parameters()
     ]
@@ -99,7 +114,8 @@ def test_parameter_names_are_the_documented_ones() -> None:
             "head.weight": (10, 32),
         },
     }
-    assert sorted(names()) == sorted(shapes)
+    options = sorted(p.stem for p in MODEL_DIR.glob("*.yaml") if p.stem != "custom")
+    assert options == sorted(shapes) == sorted(MODELS)
     for name, expected in shapes.items():
         params = {n: tuple(p.shape) for n, p in build_model(name).named_parameters()}
         assert {n: params.get(n) for n in expected} == expected, name
@@ -116,7 +132,7 @@ def test_dropout_is_active_only_in_training() -> None:
 
 
 def test_deterministic_init_covers_every_parameter(mnist: ImageDataModule) -> None:
-    for name in names():
+    for name in MODELS:
         model = build_model(name)
         plan = init_module(model, seed=0, scheme="he")
         assert set(plan.blocks) == {n for n, _ in model.named_parameters()}, name
@@ -127,50 +143,55 @@ def test_deterministic_init_covers_every_parameter(mnist: ImageDataModule) -> No
     assert torch.isfinite(model(mnist.sample_batch(8))).all()
 
 
-def test_build_model_errors_name_the_fix() -> None:
-    with pytest.raises(ValueError, match="mlp, mlp_dropout, cnn, attention"):
-        build_model("resnet")
-    with pytest.raises(ValueError, match="hidden"):
-        build_model("cnn", hidden=[10])
-    with pytest.raises(ValueError, match="num_heads"):
-        build_model("attention", num_heads=5)
-    with pytest.raises(ValueError, match="dropout"):
-        build_model("mlp_dropout", dropout=1.0)
-    with pytest.raises(ValueError, match="input_shape"):
-        build_model("cnn", input_shape=[784])
+def test_model_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="num_heads=5 must divide d_model=32"):
+        RowAttention(num_heads=5)
+    with pytest.raises(ValueError, match=r"dropout=1\.0 is out of range"):
+        MLP(dropout=1.0)
+    with pytest.raises(
+        ValueError, match=r"input_shape=\[784\] must be \(channels, height, width\)"
+    ):
+        CNN(input_shape=[784])
+    with pytest.raises(ValueError, match="hidden must be a list of positive integers"):
+        MLP(hidden=5)
 
 
 # --------------------------------------------------------------------------- optimizer config
 
 
-def test_optimizer_config_resolves_defaults_and_rejects_unknowns() -> None:
-    assert resolve_optimizer_cfg(None)["name"] == "adam"
-    sgd = build_optimizer(build_model("mlp").parameters(), {"name": "sgd", "lr": 0.1})
+def test_optimizer_config_is_a_partial_of_the_parameters() -> None:
+    params = list(MLP().parameters())
+    sgd = optimizer_factory({"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9})(params)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
-    adamw = build_optimizer(build_model("mlp").parameters(), {"name": "adamw", "betas": [0.8, 0.9]})
-    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.9)
-    with pytest.raises(ValueError, match="adam, adamw, sgd"):
-        resolve_optimizer_cfg({"name": "rmsprop"})
-    with pytest.raises(ValueError, match="momentum"):
-        resolve_optimizer_cfg({"name": "adam", "momentum": 0.9})
+    adamw = optimizer_factory(
+        OmegaConf.create({"_target_": "torch.optim.AdamW", "betas": [0.8, 0.9]})
+    )(params)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.defaults["betas"] == (0.8, 0.9)  # plain values, not an OmegaConf ListConfig
+    default = optimizer_factory(None)(params)
+    assert isinstance(default, torch.optim.Adam) and default.defaults["lr"] == 1e-3
 
 
 def test_hparams_are_plain_containers_even_from_omegaconf() -> None:
     module = Classifier(
-        model_cfg=OmegaConf.create({"name": "mlp", "hidden": [32, 16]}),
-        optimizer=OmegaConf.create({"name": "sgd", "lr": 0.05}),
+        model_cfg=OmegaConf.create({"_target_": "cdi_experiments.models.MLP", "hidden": [32, 16]}),
+        optimizer=OmegaConf.create({"_target_": "torch.optim.SGD", "lr": 0.05}),
+        scheduler=OmegaConf.create(
+            {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.5}
+        ),
     )
     hp = dict(module.hparams)
     assert type(hp["model_cfg"]) is dict and type(hp["model_cfg"]["hidden"]) is list
     assert hp["model_cfg"]["hidden"] == [32, 16] and hp["optimizer"]["lr"] == 0.05
     assert module.model.fc1.out_features == 32
+    configured = module.configure_optimizers()
+    assert isinstance(configured["lr_scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert configured["optimizer"].defaults["lr"] == 0.05
 
 
-def test_classifier_requires_a_consistent_model() -> None:
+def test_classifier_requires_a_model() -> None:
     with pytest.raises(ValueError, match="model_cfg"):
         Classifier()
-    with pytest.raises(ValueError, match="does not describe"):
-        Classifier(build_model("mlp"), model_cfg={"name": "cnn"})
 
 
 # --------------------------------------------------------------------------- Lightning fit
@@ -206,7 +227,7 @@ def test_evaluate_equals_trainer_test(fitted: dict, mnist: ImageDataModule) -> N
 def test_checkpoint_loads_weights_only_and_rebuilds(fitted: dict, mnist: ImageDataModule) -> None:
     path = fitted["ckpt"].best_model_path
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["hyper_parameters"]["model_cfg"]["name"] == "mlp"
+    assert checkpoint["hyper_parameters"]["model_cfg"]["_target_"] == "cdi_experiments.models.MLP"
     assert checkpoint["cdi"]["torch_version"] == str(torch.__version__)
     assert checkpoint["ImageDataModule"]["split_seed"] == 0
     restored = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
@@ -222,7 +243,7 @@ def test_checkpoint_loads_weights_only_and_rebuilds(fitted: dict, mnist: ImageDa
 def test_resume_from_epoch_end_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     def fresh() -> tuple[Classifier, ImageDataModule]:
         torch.manual_seed(1)
-        return Classifier(build_model("mlp", hidden=[32])), ImageDataModule("mnist", limit=256)
+        return Classifier(MLP(hidden=[32])), ImageDataModule("mnist", limit=256)
 
     module, dm = fresh()
     _trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=False).fit(

@@ -18,9 +18,11 @@ import torch
 from conftest import quick_cfg
 
 from cdi_experiments import DeterministicNoiseGenerator, layer_id_for
+from cdi_experiments.cli import prune as prune_mod
 from cdi_experiments.lightning.classifier import Classifier
-from cdi_experiments.run import prune_stage as prune_mod
 from cdi_experiments.run import train as train_mod
+
+pytestmark = pytest.mark.integration  # trains a model, runs cdi-prune
 
 REPO = Path(__file__).resolve().parent.parent
 CDI_PRUNE = Path(sys.executable).parent / "cdi-prune"

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 from conftest import quick_cfg
 
+from cdi_experiments import tables
+from cdi_experiments.cli import report as report_cli
 from cdi_experiments.run import report
 from cdi_experiments.run import train as train_mod
 
@@ -61,6 +63,7 @@ def last_value(metrics: pd.DataFrame, key: str) -> float:
     return float(metrics[key].dropna().iloc[-1])
 
 
+@pytest.mark.integration
 def test_runs_table_has_one_row_per_run_equal_to_the_runs_files(runs, report_out):
     table = pd.read_csv(report_out.dir / "runs.csv")
     assert len(table) == 2
@@ -89,6 +92,7 @@ def test_runs_table_has_one_row_per_run_equal_to_the_runs_files(runs, report_out
     assert by.loc["he", "test/acc"] > by.loc["zeros", "test/acc"]
 
 
+@pytest.mark.integration
 def test_runs_markdown_lists_every_run(report_out):
     md = (report_out.dir / "runs.md").read_text().splitlines()
     assert md[0].startswith("| label | data | model | init | seed |")
@@ -104,6 +108,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.integration
 def test_figures_are_valid_pngs(report_out):
     figures = report_out.dir / "figures"
     names = sorted(str(p.relative_to(figures)) for p in figures.rglob("*.png"))
@@ -126,6 +131,7 @@ def test_figures_are_valid_pngs(report_out):
     assert pixels.std() > 0.05  # something was drawn
 
 
+@pytest.mark.integration
 def test_end_of_run_summary_shows_train_val_and_test_accuracy(runs):
     for run in runs.by_init.values():
         summary = run.stdout[run.stdout.index("== run summary") :]
@@ -137,6 +143,7 @@ def test_end_of_run_summary_shows_train_val_and_test_accuracy(runs):
         assert "sleeping weights (matched@1e-05)" in summary
 
 
+@pytest.mark.integration
 def test_summarize_run_fills_what_callback_metrics_lacks(runs):
     run = runs.by_init["he"]
     text = report.summarize_run(run.dir, {"test/acc": 0.5}, run.objects["callback"], None)
@@ -161,16 +168,46 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     }[case]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
-    assert report.main(argv) == 2
+    assert report_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cdi-report: error: "), err
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_a_broken_run_info_is_skipped_not_fatal(runs, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "run_info.json").write_text('{"config": {}}')
     out = tmp_path / "out"
-    assert report.main([str(runs.root), str(tmp_path), "--out", str(out)]) == 0
+    assert report_cli.main([str(runs.root), str(tmp_path), "--out", str(out)]) == 0
     assert len(pd.read_csv(out / "runs.csv")) == 2
+
+
+# ----------------------------------------------------------------------------- the table printer
+
+
+def test_console_table_aligns_text_left_and_numbers_right():
+    df = pd.DataFrame(
+        {"name": ["fc1.weight", "all"], "numel": [100352, 7], "awake_pct@0": [99.5, float("nan")]}
+    )
+    lines = tables.format_frame(df, {"awake_pct@0": "{:.1f}".format}).splitlines()
+    assert lines == [
+        "name         numel  awake_pct@0",
+        "fc1.weight  100352         99.5",
+        "all              7          nan",
+    ]
+    md = tables.markdown_frame(df).splitlines()
+    assert md == [
+        "| name | numel | awake_pct@0 |",
+        "| --- | --- | --- |",
+        "| fc1.weight | 100352 | 99.5 |",
+        "| all | 7 | nan |",
+    ]
+
+
+def test_console_table_refuses_ragged_rows():
+    with pytest.raises(ValueError, match=r"row 1 has 1 cells, the header 2; give one per column"):
+        tables.format_rows(["a", "b"], [["1", "2"], ["3"]])
+    with pytest.raises(ValueError, match=r"align 'lx' must hold one 'l' or 'r' per column"):
+        tables.format_rows(["a", "b"], [], "lx")

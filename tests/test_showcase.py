@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cdi_experiments import datasets as ds
+from cdi_experiments.cli import showcase as showcase_cli
 from cdi_experiments.modules import InitPlan
 from cdi_experiments.run import showcase
 
@@ -23,7 +24,7 @@ WEIGHTS = ["fc1.weight", "fc2.weight", "fc3.weight"]
 def _main(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = showcase.main(list(argv))
+        code = showcase_cli.main(list(argv))
     return code, out.getvalue(), err.getvalue()
 
 
@@ -37,6 +38,7 @@ def run(tmp_path_factory) -> tuple[Path, str]:
     return out, stdout
 
 
+@pytest.mark.integration
 def test_writes_tables_with_expected_columns(run):
     out, _ = run
     layers = pd.read_csv(out / showcase.LAYERS_CSV)
@@ -59,6 +61,7 @@ def test_writes_tables_with_expected_columns(run):
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
+@pytest.mark.integration
 def test_prints_verdict_lines_computed_from_the_data(run):
     out, stdout = run
     summary = json.loads((out / showcase.SUMMARY_JSON).read_text())
@@ -97,6 +100,7 @@ def test_verdicts_follow_the_measured_numbers(share, delta, share_verdict, cost_
     assert lines[2].endswith(cost_verdict) or cost_verdict + "," in lines[2]
 
 
+@pytest.mark.integration
 def test_sleeping_share_agrees_with_an_independent_recomputation(run):
     out, _ = run
     saved = torch.load(out / showcase.MODEL_PT, weights_only=True)
@@ -119,6 +123,7 @@ def test_sleeping_share_agrees_with_an_independent_recomputation(run):
         assert layers.loc[name, "changed@0"] == int((moved[name] > 0).sum()), name
 
 
+@pytest.mark.integration
 def test_always_zero_pixels_counted_and_their_columns_frozen_without_centering(run):
     out, _ = run
     summary = json.loads((out / showcase.SUMMARY_JSON).read_text())
@@ -131,6 +136,7 @@ def test_always_zero_pixels_counted_and_their_columns_frozen_without_centering(r
     assert control["always_zero_pixels_unchanged"] == int(zero.sum())
 
 
+@pytest.mark.integration
 def test_quiet_rerun_is_deterministic(run, tmp_path):
     out, _ = run
     code, stdout, stderr = _main(

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from conftest import cli_ok, run_cli, small_cfg
 
@@ -19,6 +20,8 @@ QUICK = [
     "trainer.enable_progress_bar=false",
     "++trainer.enable_model_summary=false",
 ]
+pytestmark = pytest.mark.integration
+
 RESULTS = ("metrics.csv", "prune_results.csv", "run_info.json", "checkpoints/last.ckpt")
 
 

@@ -14,13 +14,15 @@ import pandas as pd
 import pytest
 import torch
 from conftest import SHRINK, cli_ok, run_cli, small_cfg
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback
 
-from cdi_experiments.lightning.callback import InitIdentityError
+from cdi_experiments.cli.train import main
 from cdi_experiments.paths import RunPaths
 from cdi_experiments.run import train as T
-from cdi_experiments.run.schema import ConfigError
+from cdi_experiments.run.schema import ConfigError, task_config
+
+pytestmark = pytest.mark.integration
 
 MODELS = ("mlp", "mlp_dropout", "cnn", "attention")
 ERR = "cdi-train: error: "
@@ -90,10 +92,12 @@ def test_run_directory(model: str, model_runs: dict) -> None:
 
     assert [p.name for p in paths.checkpoints.glob("*.ckpt")] == ["last.ckpt"]
     ckpt = torch.load(paths.last_ckpt, map_location="cpu", weights_only=True)
-    assert ckpt["hyper_parameters"]["model_cfg"]["name"] == model
+    assert ckpt["hyper_parameters"]["model_cfg"]["_target_"] == cfg.model._target_
 
     info = json.loads(paths.run_info.read_text())
-    assert info["config"] == OmegaConf.to_container(T.task_config(cfg), resolve=True)
+    assert info["config"] == OmegaConf.to_container(task_config(cfg), resolve=True)
+    # Outside a Hydra job there is no group choice: the model's class name labels the run.
+    assert info["model_name"] == cfg.model._target_.rsplit(".", 1)[1].lower()
     assert info["generator"]["fingerprint"] == callback.fingerprint
     assert len(callback.fingerprint) == 64
     assert info["versions"]["torch"] == str(torch.__version__)
@@ -170,7 +174,8 @@ def test_resume_after_crash_in_process(tmp_path: Path, caplog: pytest.LogCapture
     run, ref = tmp_path / "run", tmp_path / "ref"
     cfg = small_cfg(run, [*RESUME, "trainer.max_epochs=2"])
     crashing = small_cfg(run, [*RESUME, "trainer.max_epochs=2"])
-    crashing.extra_callbacks = {"crash": {"_target_": f"{__name__}.CrashInSecondEpoch"}}
+    with open_dict(crashing):
+        crashing.callbacks.crash = {"_target_": f"{__name__}.CrashInSecondEpoch"}
     with pytest.raises(RuntimeError, match="simulated crash"):
         T.train(crashing)
     assert (run / "checkpoints/last.ckpt").exists() and not (run / "run_info.json").exists()
@@ -189,9 +194,7 @@ def test_resume_refuses_another_identity(
     before = snapshot(run)
 
     # In-process: the library raises before anything is written.
-    with pytest.raises(
-        InitIdentityError, match=r"^cannot resume: .*seed: checkpoint 0 vs this run 1"
-    ):
+    with pytest.raises(ConfigError, match=r"^cannot resume: .*seed: checkpoint 0 vs this run 1"):
         T.train(small_cfg(run, ["model=mlp", "seed=1"]))
     with pytest.raises(
         ConfigError, match=r"model\.hidden: checkpoint \[128, 64\] vs this run \[64\]"
@@ -215,7 +218,7 @@ def test_resume_refuses_another_identity(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.argv", ["cdi-train", *monkey_argv])
         with pytest.raises(SystemExit) as exc:
-            T.main()
+            main()
     assert exc.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert (

@@ -1,10 +1,143 @@
-"""``cdi-prune``: the command line (parse, call, exit code)."""
+"""``cdi-prune CKPT``: prune a ``cdi-train`` checkpoint and compare criteria (parse, call, exit).
+
+The initial weights are regenerated from the identity stored in the checkpoint (no copy of them
+is stored anywhere); the defaults come from the run's own config.
+"""
 
 from __future__ import annotations
 
-from cdi_experiments.run.prune_stage import main
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cdi_experiments.cli.args import OneLineArgumentParser
+from cdi_experiments.paths import RunPaths
+from cdi_experiments.pruning import criterion_names
+from cdi_experiments.run.schema import TrainConfig, check_config
+
+
+def _parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise ValueError(f"--{what} {text!r} has an empty item; write e.g. --{what} a,b")
+    return items
+
+
+def _check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate the command line before anything is loaded; return the prune overrides."""
+    overrides: dict[str, Any] = {}
+    if args.threshold is not None:
+        if not (math.isfinite(args.threshold) and args.threshold >= 0):
+            raise ValueError(f"--threshold {args.threshold} must be a finite number >= 0")
+        overrides["threshold"] = args.threshold
+    if args.criteria is not None:
+        crits = _parse_list(args.criteria, "criteria")
+        unknown = [c for c in crits if c not in criterion_names()]
+        if unknown:
+            raise ValueError(
+                f"--criteria: unknown criterion {', '.join(map(repr, unknown))}; "
+                f"choose from {', '.join(criterion_names())}"
+            )
+        overrides["criteria"] = crits
+    if args.sparsities is not None:
+        fractions = []
+        for text in _parse_list(args.sparsities, "sparsities"):
+            try:
+                f = float(text)
+            except ValueError:
+                f = math.nan
+            if not 0 < f < 1:
+                raise ValueError(
+                    f"--sparsities: {text!r} is not a fraction in (0, 1); write e.g. 0.5,0.9"
+                )
+            fractions.append(f)
+        overrides["sparsities"] = fractions
+    for key in ("finetune_epochs", "retrain_epochs"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+            overrides[key] = value
+    if args.rewind:
+        overrides["rewind"] = True
+    if not args.checkpoint.is_file():
+        raise ValueError(
+            f"checkpoint {args.checkpoint} does not exist; pass a .ckpt from <run>/checkpoints/"
+        )
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; pass a directory")
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cdi-prune CKPT [--criteria ...] [--sparsities ...] [--out DIR]``; returns the exit code.
+
+    Writes ``prune_results.csv`` to the run directory (or ``--out``) and prints the table.
+    Bad input gives one ``cdi-prune: error: ...`` line on stderr and exit code 2, and writes
+    nothing.
+    """
+    parser = OneLineArgumentParser(
+        prog="cdi-prune",
+        description="Prune a cdi-train checkpoint and compare criteria. Defaults come from the "
+        "run's own config; the initial weights are regenerated from the checkpoint's identity.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a cdi-train checkpoint (.ckpt)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="sleeping threshold (default: the run's)"
+    )
+    parser.add_argument(
+        "--criteria", default=None, help="comma-separated criteria (default: the run's)"
+    )
+    parser.add_argument(
+        "--sparsities", default=None, help="comma-separated target sparsities in (0, 1)"
+    )
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=None, help="fine-tune each pruned copy (masks kept)"
+    )
+    parser.add_argument(
+        "--rewind", action="store_true", help="also rewind survivors to w0 and retrain"
+    )
+    parser.add_argument(
+        "--retrain-epochs", type=int, default=None, help="epochs of lottery-ticket retraining"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: the run directory)"
+    )
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (one line, exit 2) and --help (exit 0)
+        return int(exc.code or 0)
+    try:
+        overrides = _check_args(args)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        # Lightning is imported only now, after the command line checked out.
+        from cdi_experiments.run.build import build_datamodule
+        from cdi_experiments.run.prune_stage import load_run, run_prune_stage
+
+        model, plan, cfg = load_run(args.checkpoint)
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(TrainConfig), cfg, {"prune": {**overrides, "enabled": True}}
+        )
+        check_config(cfg)
+        out = RunPaths(args.out or args.checkpoint.resolve().parent.parent)
+        out.root.mkdir(parents=True, exist_ok=True)
+        dm = build_datamodule(cfg)
+        run_prune_stage(model, plan, dm, cfg, out)
+        print(f"prune table: {out.prune}")
+    except (ValueError, OmegaConfBaseException) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the exception said
+        print(f"cdi-prune: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
 
 __all__ = ["main"]

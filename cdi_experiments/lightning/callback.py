@@ -1,10 +1,11 @@
 """The Lightning callback at the centre of the design: deterministic init at setup, and at
-every epoch end the share of weights that moved from their (regenerated) initial values.
+every epoch end the share of weights that moved from their initial values.
 
-No copy of the initial weights is ever stored: each epoch regenerates them in bounded chunks
-from (seed, parameter name, coordinates). The callback's checkpoint state carries the
-generator's identity and a fingerprint of the initial weights; resuming a run under another
-identity is refused.
+In the default ``mode="generate"`` no copy of the initial weights is ever stored: each epoch
+regenerates them in bounded chunks from (seed, canonical parameter name, coordinates). In
+``mode="record"`` the model keeps its own init and the callback stores a copy of it. The
+checkpoint state carries the init's identity and a fingerprint of the initial weights;
+resuming a run under another identity is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from pytorch_lightning.callbacks import Callback
 from cdi_experiments.generator import bits as B
 from cdi_experiments.generator import schemes
 from cdi_experiments.generator.core import DEFAULT_CHUNK_ELEMS, check_threshold
-from cdi_experiments.modules import DELTA_EDGES, DeltaStats, InitPlan, init_module, param_deltas
+from cdi_experiments.modules import (
+    DELTA_EDGES,
+    DeltaStats,
+    Plan,
+    canonical_named_parameters,
+    init_module,
+    param_deltas,
+    plan_from_dict,
+    record_module,
+)
+from cdi_experiments.modules.naming import parameter_kinds
 from cdi_experiments.paths import RunPaths, atomic_write_csv
 
 log = logging.getLogger(__name__)
@@ -33,45 +44,75 @@ DEFAULT_THRESHOLDS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
+MODES = ("generate", "record")
+LOG_PER = ("auto", "parameter", "type", "total")
+AUTO_PER_PARAMETER_MAX = 16
+"""``log_per="auto"`` logs per parameter up to this many tracked tensors, else per type."""
+
+
 class InitIdentityError(ValueError):
-    """A checkpoint was made under another generator identity (seed, scheme, version...)."""
+    """A checkpoint was made under another init identity (seed, scheme, version...).
+
+    Attributes:
+        diff: ``{field: (checkpoint value, this callback's value)}`` for each differing
+            identity field (empty for a state with no identity), so an application can
+            restate the message in its own terms (:func:`mismatch_message`).
+    """
+
+    def __init__(self, message: str, diff: Mapping[str, tuple[Any, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.diff = dict(diff or {})
 
 
-# identity field -> the config key that sets it (for error messages)
-_CONFIG_KEYS = {
-    "seed": "seed",
-    "scheme": "init.scheme",
-    "params": "init.params",
-    "overrides": "init.overrides",
-    "layer_ids": "init.layer_ids",
-    "biases": "init.biases",
-    "zero_mean_conv": "init.zero_mean_conv",
-}
+# identity fields a user sets through a constructor argument of the same name
+_ARGUMENTS = (
+    "mode",
+    "seed",
+    "scheme",
+    "params",
+    "overrides",
+    "layer_ids",
+    "biases",
+    "zero_mean_conv",
+)
 
 
-def _mismatch_message(diff: Mapping[str, tuple[Any, Any]]) -> str:
-    """One line: every differing identity field with both values, then how to fix it."""
+def _override_value(value: Any) -> str:
+    """A value as a command-line override writes it: ``he``, ``7``, ``{"std": 0.02}``."""
+    return str(value) if isinstance(value, (str, int, float)) else json.dumps(value)
+
+
+def mismatch_message(
+    diff: Mapping[str, tuple[Any, Any]], names: Mapping[str, str] | None = None
+) -> str:
+    """One line: every differing identity field with both values, then how to fix it.
+
+    Args:
+        diff: ``{field: (checkpoint value, this run's value)}``, as :class:`InitIdentityError`
+            carries it.
+        names: how to call each field (e.g. an application's config keys,
+            ``{"scheme": "init.scheme"}``); the fix then reads ``key=value``. Default: the
+            callback's own arguments, and the fix reads ``DeterministicInitCallback(arg=...)``.
+    """
+    label = (lambda k: names.get(k, k)) if names is not None else (lambda k: k)
+    settable = [k for k in diff if k in (names if names is not None else _ARGUMENTS)]
     values = "; ".join(
-        f"{_CONFIG_KEYS.get(k, k)}: checkpoint {a!r} vs this run {b!r}"
-        for k, (a, b) in diff.items()
+        f"{label(k)}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items()
     )
     if "generator_version" in diff:
         fix = "install the cdi-experiments version that wrote the checkpoint"
-    elif any(k in _CONFIG_KEYS for k in diff):
-        fix = (
-            "rerun with the checkpoint's values ("
-            + " ".join(
-                f"{_CONFIG_KEYS[k]}={a if isinstance(a, (str, int, float)) else json.dumps(a)}"
-                for k, (a, _) in diff.items()
-                if k in _CONFIG_KEYS
-            )
-            + ")"
-        )
-    else:  # same config, other initial weights: the model's parameters or the generator changed
-        fix = "rerun with the model config and code that wrote the checkpoint"
+    elif settable and names is not None:
+        pairs = " ".join(f"{label(k)}={_override_value(diff[k][0])}" for k in settable)
+        fix = f"rerun with the checkpoint's values ({pairs})"
+    elif settable:
+        args = ", ".join(f"{k}={diff[k][0]!r}" for k in settable)
+        fix = f"pass the checkpoint's values, DeterministicInitCallback({args})"
+    else:  # same arguments, other initial weights: the model's parameters or the generator changed
+        fix = "rerun with the model and code that wrote the checkpoint"
     return (
         f"cannot resume: the checkpoint's initial weights were made differently ({values}). "
-        f"To continue it, {fix}; to start over, use a new run directory or resume=false"
+        f"To continue it, {fix}; to start over, use a new run directory or do not resume from "
+        "this checkpoint"
     )
 
 
@@ -123,28 +164,56 @@ def _plain(value: Any) -> Any:
 
 
 class DeterministicInitCallback(Callback):
-    """Initialize deterministically at setup; log awakened shares every ``every_n_epochs``.
+    """Initialize deterministically at setup (or record the model's own init); log how much of
+    each tensor moved from its initial value every ``every_n_epochs``.
+
+    A drop-in for any LightningModule: it tracks ``pl_module.model`` if that is a module,
+    else the LightningModule itself. Parameters are named canonically
+    (:mod:`cdi_experiments.modules.naming`): under ``torch.compile``, DDP, FSDP1 or activation
+    checkpointing a model gets the same layer ids, initial weights and metric keys as bare.
 
     Args:
         seed: generator seed (0 is a seed).
         scheme: init scheme name (``he``, ``xavier``, ``zeros``, ..., ``lsuv``).
         params: the scheme's parameters.
         overrides: per-layer schemes, e.g. ``{"fc1": "zeros"}``.
-        layer_ids: ``"name"`` (stable, from parameter names) or ``"index"``.
+        layer_ids: ``"name"`` (stable, from canonical parameter names) or ``"index"``.
+        biases: initialize (``mode="record"``: record) biases too.
+        zero_mean_conv: shift each conv filter to zero mean.
         thresholds: ``|w - w0|`` thresholds; 0 means "exactly unchanged".
         track_biases: also track biases and norm parameters.
         every_n_epochs: analysis cadence (the last epoch is always analysed).
-        quantiles: quantiles of ``|w - w0|`` logged per layer.
+        quantiles: quantiles of ``|w - w0|`` logged per logged group.
         histograms: keep per-epoch ``|w - w0|`` histogram counts (CSV, and W&B histograms).
         lsuv_batch_size: images from the datamodule's ``sample_batch`` for LSUV.
-        out_dir: run directory for the histogram CSV (None: don't write).
+        chunk_elems: elements regenerated at once (peak extra memory ~40 bytes each).
+        out_dir: run directory for ``layer_changes.csv`` and ``delta_histograms.csv`` (None:
+            don't write).
+        mode: ``"generate"`` (replace the weights with the deterministic init; nothing stored,
+            ``w0`` is regenerated each epoch) or ``"record"`` (keep the model's own initial
+            weights; ``seed``, ``scheme``, ``params``, ``overrides``, ``layer_ids``,
+            ``zero_mean_conv`` and ``lsuv_batch_size`` are then unused). A foreign init cannot
+            be regenerated, so record mode stores a CPU copy of every tracked tensor's initial
+            value, in its own dtype (a :class:`~cdi_experiments.modules.RecordedPlan`), and
+            writes the same copy into the checkpoint's callback state so a resume compares
+            against the true ``w0``. Cost: memory equal to the size of the tracked parameters,
+            and the checkpoint grows by as much. Everything downstream (metrics, histograms,
+            fingerprint, ``analyze_module``, ``awakened_masks``, ``rewind``, pruning) works
+            from the record.
+        log_per: logging granularity of the metrics (the CSV files always keep one row per
+            parameter): ``"parameter"``, ``"type"`` (per layer type and parameter kind, e.g.
+            ``Conv2d.weight``, ``BatchNorm2d.bias``: exact counts, sums and max, merged
+            histograms), ``"total"`` (``all`` only), or ``"auto"``: per parameter up to 16
+            tracked tensors, else per type. Every mode also logs ``all``.
 
-    Logged keys (``<param>`` is a parameter name or ``all``), as float64, at the epoch's end:
+    Logged keys (``<g>`` is a parameter name, a type such as ``Linear.weight``, or ``all``), as
+    float64, at the epoch's end (14 keys per group with the default 6 thresholds and 6
+    quantiles; a resnet18 logs 84 per epoch with ``log_per="type"``):
 
-    * ``awake/<param>@<t>``: percent of entries with ``|w - w0| > t`` (exact counts; NaN counts
+    * ``awake/<g>@<t>``: percent of entries with ``|w - w0| > t`` (exact counts; NaN counts
       as moved);
-    * ``delta_mean/<param>``, ``delta_max/<param>``: exact mean and max of ``|w - w0|``;
-    * ``delta_qNN/<param>``: approximate quantiles from a histogram with fixed log-spaced edges
+    * ``delta_mean/<g>``, ``delta_max/<g>``: exact mean and max of ``|w - w0|``;
+    * ``delta_qNN/<g>``: approximate quantiles from a histogram with fixed log-spaced edges
       (8 per decade, :data:`~cdi_experiments.modules.DELTA_EDGES`). The estimate lies in the
       same bin as the nearest-rank quantile (``np.quantile(d, q, method="inverted_cdf")``), so
       it is within a factor ``10**(1/8)`` (~1.33) of it for ``|w - w0|`` in ``[1e-10, 10]``;
@@ -157,9 +226,14 @@ class DeterministicInitCallback(Callback):
     per non-empty bin ``[low, high)``, plus ``low = high = 0`` for exact zeros), from which the
     awakened share at any other threshold can be read to bin resolution.
 
+    Example:
+        >>> cb = DeterministicInitCallback(seed=0, scheme="he")  # doctest: +SKIP
+        >>> pl.Trainer(max_epochs=1, callbacks=[cb]).fit(MyModule(), loader)  # doctest: +SKIP
+
     Raises:
-        ValueError: an unknown scheme or ``layer_ids``, a negative or non-finite threshold,
-            ``every_n_epochs < 1``, a quantile outside ``[0, 1]``.
+        ValueError: an unknown ``scheme``, ``layer_ids``, ``mode`` or ``log_per``, a negative
+            or non-finite threshold, ``every_n_epochs < 1``, a quantile outside ``[0, 1]``;
+            the message names the argument.
     """
 
     def __init__(
@@ -179,37 +253,40 @@ class DeterministicInitCallback(Callback):
         lsuv_batch_size: int = 256,
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
         out_dir: str | None = None,
+        mode: str = "generate",
+        log_per: str = "auto",
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0 (0 is a seed), got {seed!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        if log_per not in LOG_PER:
+            raise ValueError(f"log_per={log_per!r} is not one of {LOG_PER}")
         if scheme != "lsuv":
             try:
                 schemes.get(scheme)  # unknown names fail here, before any training
             except ValueError as exc:
-                raise ValueError(f"init.scheme: {exc}") from None
+                raise ValueError(f"scheme: {exc}") from None
         if layer_ids not in ("name", "index"):
-            raise ValueError(f"init.layer_ids must be 'name' or 'index', got {layer_ids!r}")
+            raise ValueError(f"layer_ids={layer_ids!r} is not one of ('name', 'index')")
         if isinstance(thresholds, (str, bytes)) or len(thresholds) == 0:
             raise ValueError(
-                f"tracking.thresholds must list at least one number >= 0, e.g. [0, 1e-5]; "
-                f"got {thresholds!r}"
+                f"thresholds must list at least one number >= 0, e.g. [0, 1e-5]; got {thresholds!r}"
             )
         for t in thresholds:
             try:
                 check_threshold(t)
             except ValueError:
                 raise ValueError(
-                    f"tracking.thresholds: {t!r} is not a finite number >= 0; use e.g. "
+                    f"thresholds: {t!r} is not a finite number >= 0; use e.g. "
                     "[0, 1e-6, 1e-5] (0 = exactly unchanged)"
                 ) from None
-        _positive_int("tracking.every_n_epochs", every_n_epochs)
-        _positive_int("init.lsuv_batch_size", lsuv_batch_size)
+        _positive_int("every_n_epochs", every_n_epochs)
+        _positive_int("lsuv_batch_size", lsuv_batch_size)
         _positive_int("chunk_elems", chunk_elems)
         for q in quantiles:
             if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 <= q <= 1:
-                raise ValueError(
-                    f"tracking.quantiles must be fractions in [0, 1] (0.5 = median), got {q!r}"
-                )
+                raise ValueError(f"quantiles must be fractions in [0, 1] (0.5 = median), got {q!r}")
         self.seed = int(seed)
         self.scheme = scheme
         self.params = _plain(dict(params or {}))
@@ -224,17 +301,22 @@ class DeterministicInitCallback(Callback):
         self.histograms = bool(histograms)
         self.lsuv_batch_size = int(lsuv_batch_size)
         self.chunk_elems = int(chunk_elems)
+        self.mode = mode
+        self.log_per = log_per
         self.paths = RunPaths(out_dir) if out_dir else None
-        self.plan: InitPlan | None = None
+        self.plan: Plan | None = None
         self.fingerprint: str | None = None
         self.history: list[dict[str, Any]] = []  # per-epoch per-layer rows (also on disk)
         self._hist_rows: list[dict[str, Any]] = []
+        self._kinds: dict[str, str] = {}  # parameter name -> "Conv2d.weight", for log_per
         self.extra_state: dict[str, Any] = {}  # e.g. the W&B run id, kept in checkpoints
 
     # ------------------------------------------------------------------ identity
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the initial weights (compared on resume)."""
+        if self.mode == "record":  # the weights came from elsewhere: only the record says
+            return {"mode": self.mode, "biases": self.biases, "fingerprint": self.fingerprint}
         return {
             "seed": self.seed,
             "scheme": self.scheme,
@@ -252,31 +334,38 @@ class DeterministicInitCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.plan is not None:  # already initialized (a second fit/test on this trainer)
             return
-        batch = None
-        if self.scheme == "lsuv":
-            dm = trainer.datamodule
-            if dm is None or not hasattr(dm, "sample_batch"):
-                raise ValueError(
-                    "init 'lsuv' needs a datamodule with sample_batch(n) for its fitting batch"
-                )
-            batch = dm.sample_batch(self.lsuv_batch_size)
-        self.plan = init_module(
-            tracked_module(pl_module),
-            self.seed,
-            self.scheme,
-            params=self.params,
-            overrides=self.overrides,
-            layer_ids=self.layer_ids,
-            biases=self.biases,
-            zero_mean_conv=self.zero_mean_conv,
-            lsuv_batch=batch,
-        )
+        module = tracked_module(pl_module)
+        if self.mode == "record":
+            self.plan = record_module(module, biases=self.biases)
+        else:
+            batch = None
+            if self.scheme == "lsuv":
+                dm = trainer.datamodule
+                if dm is None or not hasattr(dm, "sample_batch"):
+                    raise ValueError(
+                        "scheme='lsuv' needs a datamodule with sample_batch(n) for its "
+                        "fitting batch"
+                    )
+                batch = dm.sample_batch(self.lsuv_batch_size)
+            self.plan = init_module(
+                module,
+                self.seed,
+                self.scheme,
+                params=self.params,
+                overrides=self.overrides,
+                layer_ids=self.layer_ids,
+                biases=self.biases,
+                zero_mean_conv=self.zero_mean_conv,
+                lsuv_batch=batch,
+            )
         if not self.track_biases:
-            self.plan.blocks = {k: v for k, v in self.plan.blocks.items() if k.endswith("weight")}
+            self.plan = self.plan.subset(n for n in self.plan.names() if n.endswith("weight"))
+        self._kinds = parameter_kinds(module, self.plan.names())
         self.fingerprint = self.plan.fingerprint()
         log.info(
-            "deterministic init: %d tensors, fingerprint %s",
-            len(self.plan.blocks),
+            "deterministic init (%s): %d tensors, fingerprint %s",
+            self.mode,
+            len(self.plan.names()),
             self.fingerprint[:12],
         )
 
@@ -296,9 +385,12 @@ class DeterministicInitCallback(Callback):
     # ------------------------------------------------------------------ analysis
 
     def analyse(self, module: torch.nn.Module) -> dict[str, DeltaStats]:
-        """``DeltaStats`` per tracked parameter (plus ``"all"``), regenerating w0 in chunks."""
+        """``DeltaStats`` per tracked parameter (plus ``"all"``), ``w0`` regenerated in chunks
+        (or read from the record)."""
         if self.plan is None:
             raise RuntimeError("the callback has not initialized a model yet (setup not run)")
+        if not self._kinds:
+            self._kinds = parameter_kinds(module, self.plan.names())
         out: dict[str, DeltaStats] = {}
         overall = DeltaStats(self.thresholds)
         for name in self.plan.names():
@@ -310,9 +402,40 @@ class DeterministicInitCallback(Callback):
         out["all"] = overall
         return out
 
+    def resolved_log_per(self) -> str:
+        """``log_per`` with ``"auto"`` decided by the number of tracked tensors."""
+        if self.log_per != "auto":
+            return self.log_per
+        n = len(self.plan.names()) if self.plan is not None else 0
+        return "parameter" if n <= AUTO_PER_PARAMETER_MAX else "type"
+
+    def groups(self) -> dict[str, str]:
+        """Tracked parameter name -> the group its metrics are logged under (itself, its
+        type such as ``Conv2d.weight``, or ``all``, by :meth:`resolved_log_per`)."""
+        per = self.resolved_log_per()
+        names = self.plan.names() if self.plan is not None else []
+        if per == "parameter":
+            return {n: n for n in names}
+        if per == "total":
+            return {n: "all" for n in names}
+        return {n: self._kinds[n] for n in names}
+
+    def logged_stats(self, stats: Mapping[str, DeltaStats]) -> dict[str, DeltaStats]:
+        """Per-parameter ``stats`` (from :meth:`analyse`) merged into the logged groups,
+        ``all`` last; per parameter they are returned as they are."""
+        if self.resolved_log_per() == "parameter":
+            return dict(stats)
+        out: dict[str, DeltaStats] = {}
+        for name, group in self.groups().items():
+            if group != "all":
+                out.setdefault(group, DeltaStats(self.thresholds)).merge(stats[name])
+        out["all"] = stats["all"]
+        return out
+
     def metrics_from(self, stats: Mapping[str, DeltaStats]) -> dict[str, float]:
+        """The logged metrics of per-parameter ``stats``, grouped as ``log_per`` says."""
         m: dict[str, float] = {}
-        for name, st in stats.items():
+        for name, st in self.logged_stats(stats).items():
             for t in self.thresholds:
                 m[f"awake/{name}@{threshold_key(t)}"] = st.pct_changed(t)
             m[f"delta_mean/{name}"] = st.mean
@@ -325,9 +448,8 @@ class DeterministicInitCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, log_metrics: bool
     ) -> None:
         stats = self.analyse(tracked_module(pl_module))
-        metrics = self.metrics_from(stats)
         if log_metrics:
-            for key, value in metrics.items():
+            for key, value in self.metrics_from(stats).items():
                 # float64 tensor: Lightning would store a Python float as float32 (7 digits);
                 # batch_size=1: the value is already the epoch's exact figure, nothing to average
                 pl_module.log(
@@ -339,7 +461,7 @@ class DeterministicInitCallback(Callback):
                     rank_zero_only=True,
                     batch_size=1,
                 )
-        for name, st in stats.items():
+        for name, st in stats.items():  # the files keep one row per parameter, always
             row = {
                 "epoch": epoch,
                 "name": name,
@@ -366,10 +488,10 @@ class DeterministicInitCallback(Callback):
                             }
                         )
         if trainer.is_global_zero:
-            self._log_histograms(trainer, pl_module, stats, epoch)
+            self._log_histograms(trainer, pl_module, epoch)
             self._write_files()
 
-    def _log_histograms(self, trainer: pl.Trainer, pl_module, stats, epoch: int) -> None:
+    def _log_histograms(self, trainer: pl.Trainer, pl_module, epoch: int) -> None:
         if not self.histograms:
             return
         try:
@@ -380,20 +502,23 @@ class DeterministicInitCallback(Callback):
             if isinstance(lg, WandbLogger):
                 import wandb
 
-                params = dict(tracked_module(pl_module).named_parameters())
-                payload = {}
-                for name in self.plan.names():
+                params = dict(canonical_named_parameters(tracked_module(pl_module)))
+                weights: dict[str, list[np.ndarray]] = {}
+                deltas: dict[str, list[np.ndarray]] = {}
+                for name, group in self.groups().items():  # one histogram per logged group
                     w = params[name].detach().cpu().float().numpy().reshape(-1)
-                    payload[f"weights/{name}"] = wandb.Histogram(w)
-                    deltas = np.concatenate(
-                        [
-                            d.reshape(-1)
-                            for _, d in param_deltas(params, self.plan, name, self.chunk_elems)
-                        ]
+                    weights.setdefault(group, []).append(w)
+                    deltas.setdefault(group, []).extend(
+                        d.reshape(-1)
+                        for _, d in param_deltas(params, self.plan, name, self.chunk_elems)
                     )
-                    moved = deltas[deltas > 0]
+                payload = {}
+                for group, ws in weights.items():
+                    payload[f"weights/{group}"] = wandb.Histogram(np.concatenate(ws))
+                    d = np.concatenate(deltas[group])
+                    moved = d[d > 0]
                     if moved.size:  # nothing has moved at train start: no histogram to draw
-                        payload[f"abs_delta_log10/{name}"] = wandb.Histogram(np.log10(moved))
+                        payload[f"abs_delta_log10/{group}"] = wandb.Histogram(np.log10(moved))
                 payload["epoch"] = max(epoch, 0)
                 lg.experiment.log(payload, commit=False)
 
@@ -407,6 +532,8 @@ class DeterministicInitCallback(Callback):
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain containers, scalars and (record mode) tensors: the checkpoint loads with
+        ``torch.load(..., weights_only=True)``."""
         return {
             "identity": self.identity(),
             "plan": self.plan.to_dict() if self.plan is not None else None,
@@ -418,10 +545,13 @@ class DeterministicInitCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the history and plan; refuse a checkpoint made under another identity.
 
+        In record mode the checkpoint's record replaces the one made at setup (the model
+        built for the resume was initialized afresh; the run's true ``w0`` is the record).
+
         Raises:
-            InitIdentityError: the checkpoint's seed, scheme, parameters, overrides, layer ids,
-                generator version or initial-weight fingerprint differ from this run's; the
-                message names each field, both values and the fix.
+            InitIdentityError: the checkpoint's mode, seed, scheme, parameters, overrides,
+                layer ids, generator version or initial-weight fingerprint differ from this
+                callback's; the message names each argument, both values and the fix.
         """
         theirs = state_dict.get("identity")
         if not isinstance(theirs, Mapping):
@@ -430,16 +560,44 @@ class DeterministicInitCallback(Callback):
                 "'identity'; it was not written by this callback. Use a new run directory"
             )
         ours = self.identity()
+        theirs = {"mode": "generate", **theirs}  # checkpoints before record mode: generate
+        keys = ["mode", *(k for k in ours if k != "mode")]
         diff = {
-            k: (theirs.get(k), ours[k])
-            for k in ours
-            if _plain(theirs.get(k)) != ours[k] and not (k == "fingerprint" and ours[k] is None)
+            k: (theirs.get(k), ours.get(k, "generate"))
+            for k in keys
+            if _plain(theirs.get(k)) != ours.get(k, "generate")
+            # the fingerprint needs the model (None before setup); a record is taken as is
+            and not (k == "fingerprint" and (ours[k] is None or self.mode == "record"))
         }
+        if "mode" in diff:  # the other fields do not compare across modes
+            diff = {"mode": diff["mode"]}
         if diff:
-            raise InitIdentityError(_mismatch_message(diff))
-        if state_dict.get("plan") and self.plan is None:
-            self.plan = InitPlan.from_dict(state_dict["plan"])
+            raise InitIdentityError(mismatch_message(diff), diff)
+        if state_dict.get("plan") and (self.plan is None or self.mode == "record"):
+            plan = plan_from_dict(state_dict["plan"])
+            if self.mode == "record" and plan.fingerprint() != theirs.get("fingerprint"):
+                raise InitIdentityError(
+                    "cannot resume: the checkpoint's recorded initial weights do not match its "
+                    "own fingerprint (a damaged checkpoint); use a new run directory",
+                    {"fingerprint": (theirs.get("fingerprint"), plan.fingerprint())},
+                )
+            self.plan = plan
             self.fingerprint = theirs.get("fingerprint")
         self.history = list(state_dict.get("history", []))
         self._hist_rows = list(state_dict.get("hist_rows", []))
         self.extra_state = dict(state_dict.get("extra", {}))
+
+
+__all__ = [
+    "AUTO_PER_PARAMETER_MAX",
+    "DEFAULT_QUANTILES",
+    "DEFAULT_THRESHOLDS",
+    "LOG_PER",
+    "MODES",
+    "DeterministicInitCallback",
+    "InitIdentityError",
+    "mismatch_message",
+    "quantile_key",
+    "threshold_key",
+    "tracked_module",
+]

@@ -1,83 +1,55 @@
-"""``Classifier``: a LightningModule around any model of :mod:`cdi_experiments.models`.
+"""``Classifier``: a LightningModule around any ``nn.Module`` that maps images to logits.
 
 Metrics are exact per-epoch values, ``sum(loss_i) / n`` and ``correct / n`` over every sample the
 epoch saw (all ranks), logged once at epoch end as ``{train,val,test}/{loss,acc}``. The steps only
 add into two on-device accumulators: no per-step ``self.log`` and no ``.item()`` host sync, which
 keeps Lightning's overhead over a plain PyTorch loop small (see ``scripts/bench_training.py``).
 
-Checkpoints load with ``torch.load(path, weights_only=True)``: the hyperparameters are plain
-dicts, lists and scalars (OmegaConf objects are converted on the way in), and
+The model, optimizer and LR scheduler are Hydra ``_target_`` configs (plain dicts). Checkpoints
+store them as hyperparameters and load with ``torch.load(path, weights_only=True)``;
 ``Classifier.load_from_checkpoint(path)`` rebuilds the model from the stored ``model_cfg``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
 
 import cdi_experiments
-from cdi_experiments.models import build_model
+from cdi_experiments.modules.evaluate import evaluate
 
-# Every optimizer's accepted keys with their defaults; the resolved dict (defaults filled in) is
-# what the checkpoint stores, so a run states its optimizer completely.
-OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adam": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
-    "adamw": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
-    "sgd": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False},
-}
-_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "lr": 1e-3}
 STAGES = ("train", "val", "test")
 
 
-def resolve_optimizer_cfg(cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Validate an optimizer config and fill in its defaults.
+def optimizer_factory(cfg: Mapping[str, Any] | None) -> Callable[..., torch.optim.Optimizer]:
+    """The optimizer config as a function of the parameters to optimize.
 
     Args:
-        cfg: ``{"name": "adam" | "adamw" | "sgd", ...}`` with keys from
-            :data:`OPTIMIZER_DEFAULTS`; ``None`` means ``{"name": "adam"}``.
+        cfg: ``{"_target_": "torch.optim.Adam", "lr": ..., ...}`` (``_partial_`` is implied);
+            ``None`` means :data:`DEFAULT_OPTIMIZER`.
 
     Returns:
-        A plain dict with ``name`` and every key of that optimizer.
+        ``make(params) -> torch.optim.Optimizer``.
 
-    Raises:
-        ValueError: Unknown name, a key the optimizer does not take, or a non-positive ``lr``.
-
-    >>> resolve_optimizer_cfg({"name": "sgd", "lr": 0.1})
-    {'name': 'sgd', 'lr': 0.1, 'momentum': 0.9, 'weight_decay': 0.0, 'nesterov': False}
+    >>> make = optimizer_factory({"_target_": "torch.optim.SGD", "lr": 0.1})
+    >>> make([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"]
+    0.1
     """
-    cfg = _plain(cfg or {"name": "adam"})
-    name = cfg.pop("name", "adam")
-    if name not in OPTIMIZER_DEFAULTS:
-        raise ValueError(
-            f"optimizer.name={name!r} is unknown; use one of {', '.join(OPTIMIZER_DEFAULTS)}"
-        )
-    allowed = OPTIMIZER_DEFAULTS[name]
-    unknown = sorted(set(cfg) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"optimizer {name!r} takes no key(s) {unknown}; its keys are name, {', '.join(allowed)}"
-        )
-    resolved = {"name": name, **allowed, **cfg}
-    if not (isinstance(resolved["lr"], (int, float)) and resolved["lr"] > 0):
-        raise ValueError(f"optimizer.lr must be a positive number, got {resolved['lr']!r}")
-    return resolved
+    return _partial(cfg if cfg is not None else DEFAULT_OPTIMIZER)
 
 
-def build_optimizer(
-    parameters: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any] | None = None
-) -> torch.optim.Optimizer:
-    """The torch optimizer described by :func:`resolve_optimizer_cfg` ``(cfg)``."""
-    kwargs = resolve_optimizer_cfg(cfg)
-    name = kwargs.pop("name")
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    return _OPTIMIZER_CLASSES[name](parameters, **kwargs)
+def _partial(cfg: Mapping[str, Any]) -> Callable[..., Any]:
+    # _convert_="all": plain lists and dicts, never OmegaConf containers, reach torch (they
+    # would end up in the optimizer's state_dict and break a weights_only checkpoint load).
+    return instantiate({**_plain(cfg), "_partial_": True}, _convert_="all")
 
 
 @dataclass
@@ -93,14 +65,17 @@ class Classifier(pl.LightningModule):
     """Cross-entropy classification of ``(x, y)`` batches with a configurable optimizer.
 
     Args:
-        model: The network. If it came from :func:`cdi_experiments.models.build_model`, its
-            ``config`` is stored as ``model_cfg``, so :meth:`load_from_checkpoint` can rebuild it.
-        model_cfg: ``{"name": ..., **kwargs}`` for ``build_model``; used when ``model`` is None.
-        optimizer: Optimizer config, see :func:`resolve_optimizer_cfg`.
+        model: The network; if ``None``, built from ``model_cfg``.
+        model_cfg: ``{"_target_": "module.Class", **kwargs}``. Stored in the checkpoint, so
+            :meth:`load_from_checkpoint` can rebuild the model; pass it with ``model`` when the
+            model was built from it.
+        optimizer: ``{"_target_": "torch.optim.Adam", "lr": ..., ...}``, called with the
+            parameters; ``None``: :data:`DEFAULT_OPTIMIZER`.
+        scheduler: ``{"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", ...}``, called
+            with the optimizer and stepped once per epoch; ``None``: a constant LR.
 
     Raises:
-        ValueError: If neither ``model`` nor ``model_cfg`` is given, they disagree, or the
-            optimizer config is invalid.
+        ValueError: If neither ``model`` nor ``model_cfg`` is given.
     """
 
     def __init__(
@@ -108,28 +83,27 @@ class Classifier(pl.LightningModule):
         model: nn.Module | None = None,
         model_cfg: Mapping[str, Any] | None = None,
         optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         model_cfg = None if model_cfg is None else _plain(model_cfg)
         if model is None:
             if model_cfg is None:
-                raise ValueError("Classifier needs model=<nn.Module> or model_cfg={'name': ...}")
-            model = build_model(**model_cfg)
-        own_cfg = getattr(model, "config", None)
-        if own_cfg is not None and model_cfg is not None:
-            own_cfg = _plain(own_cfg)
-            if any(own_cfg.get(k) != v for k, v in model_cfg.items()):
                 raise ValueError(
-                    f"model_cfg {model_cfg} does not describe the model passed (its config is "
-                    f"{own_cfg}); pass only one of them"
+                    "Classifier needs model=<nn.Module> or model_cfg={'_target_': 'module.Class'}"
                 )
+            model = instantiate(model_cfg, _convert_="all")
         self.model = model
-        self.optimizer_cfg = resolve_optimizer_cfg(optimizer)
+        self.optimizer_cfg = _plain(optimizer) if optimizer is not None else dict(DEFAULT_OPTIMIZER)
+        self.scheduler_cfg = None if scheduler is None else _plain(scheduler)
+        self._make_optimizer = optimizer_factory(self.optimizer_cfg)
+        self._make_scheduler = None if self.scheduler_cfg is None else _partial(self.scheduler_cfg)
         # Plain containers only: a weights_only checkpoint load must not meet our classes.
         self.save_hyperparameters(
             {
-                "model_cfg": _plain(own_cfg) if own_cfg is not None else model_cfg,
+                "model_cfg": model_cfg,
                 "optimizer": self.optimizer_cfg,
+                "scheduler": self.scheduler_cfg,
             }
         )
         self._totals: dict[str, _Totals] = {}
@@ -147,8 +121,11 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.parameters(), self.optimizer_cfg)
+    def configure_optimizers(self) -> Any:
+        optimizer = self._make_optimizer(self.parameters())
+        if self._make_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self._make_scheduler(optimizer)}
 
     # ------------------------------------------------------------------ steps
 
@@ -242,27 +219,7 @@ class Classifier(pl.LightningModule):
         Raises:
             ValueError: If the dataloader yields no samples.
         """
-        was_training = self.training
-        self.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        count = 0
-        try:
-            for x, y in dataloader:
-                x, y = x.to(self.device), y.to(self.device)
-                logits = self.model(x)
-                loss_sum.add_(F.cross_entropy(logits, y), alpha=len(y))  # as in _step
-                correct.add_((logits.argmax(dim=1) == y).sum())
-                count += len(y)
-        finally:
-            self.train(was_training)
-        if count == 0:
-            raise ValueError("evaluate() got an empty dataloader; call datamodule.setup() first")
-        return {
-            "loss": float(loss_sum) / count,
-            "acc": float(correct.double() / count),
-            "count": count,
-        }
+        return evaluate(self.model, dataloader, self.device)
 
 
 def _plain(value: Any) -> Any:
@@ -276,9 +233,4 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = [
-    "OPTIMIZER_DEFAULTS",
-    "Classifier",
-    "build_optimizer",
-    "resolve_optimizer_cfg",
-]
+__all__ = ["DEFAULT_OPTIMIZER", "Classifier", "optimizer_factory"]

@@ -1,5 +1,12 @@
-"""How far each parameter moved from its regenerated initial value: chunked statistics,
-per-parameter tables, awakened masks, and the rewind to exact initial values."""
+"""How far each parameter moved from its initial value: chunked statistics, per-parameter
+tables, awakened masks, and the rewind to exact initial values.
+
+Every function takes either kind of plan: an :class:`~cdi_experiments.modules.InitPlan`
+(initial values regenerated in chunks) or a :class:`~cdi_experiments.modules.RecordedPlan`
+(compared against its stored copies). Parameters are named canonically
+(:mod:`~cdi_experiments.modules.naming`): a compiled or DDP-wrapped module is read through its
+wrappers.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ from cdi_experiments.generator.core import (
     check_threshold,
     iter_deltas,
 )
-from cdi_experiments.modules.plan import InitPlan
+from cdi_experiments.modules.naming import canonical_named_parameters, resolve_module
+from cdi_experiments.modules.plan import Plan, RecordedPlan
 
 # Fixed log-spaced edges for |w - w0| histograms (8 bins per decade from 1e-10 to 10): counts
 # merge across chunks and epochs, and give the awakened share at any threshold afterwards.
@@ -52,6 +60,17 @@ class DeltaStats:
         for t in self.thresholds:
             self.changed[t] = self.changed.get(t, 0) + int(changed_mask(flat, t).sum())
         self.hist += np.histogram(finite[finite > 0], bins=DELTA_EDGES)[0]
+
+    def merge(self, other: DeltaStats) -> None:
+        """Add another summary's counts (exact: counts, sums, max and bins simply add)."""
+        self.total += other.total
+        self.zeros += other.zeros
+        self.nan += other.nan
+        self.total_sum += other.total_sum
+        self.max = max(self.max, other.max)
+        for t in self.thresholds:
+            self.changed[t] = self.changed.get(t, 0) + other.changed.get(t, 0)
+        self.hist += other.hist
 
     def pct_changed(self, threshold: float) -> float:
         return 100.0 * self.changed[threshold] / self.total
@@ -90,8 +109,9 @@ def _source_tensors(source: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[s
 
 
 class _ModuleTensors(Mapping):
-    """A module's tensors by parameter name; a pruned parameter (torch.nn.utils.prune keeps
-    ``<name>_orig`` and ``<name>_mask``) resolves to its effective, masked value."""
+    """A module's tensors by canonical parameter name (wrappers looked through); a pruned
+    parameter (torch.nn.utils.prune keeps ``<name>_orig`` and ``<name>_mask``) resolves to its
+    effective, masked value."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -99,7 +119,7 @@ class _ModuleTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         mod_name, _, local = name.rpartition(".")
         try:
-            sub = self.module.get_submodule(mod_name) if mod_name else self.module
+            sub, _ = resolve_module(self.module, mod_name)
             orig, mask = getattr(sub, f"{local}_orig", None), getattr(sub, f"{local}_mask", None)
             if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
                 # not the ``<name>`` attribute: torch's pruning hook refreshes it only on the next
@@ -120,28 +140,49 @@ class _ModuleTensors(Mapping):
         return True
 
     def __iter__(self):
-        return (n for n, _ in self.module.named_parameters())
+        return (n for n, _ in canonical_named_parameters(self.module))
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.module.named_parameters())
+        return sum(1 for _ in canonical_named_parameters(self.module))
+
+
+# wrapper segments that no user module can be named (``module`` of DDP is ambiguous in a bare
+# state dict; strip it with torch.nn.modules.utils.consume_prefix_in_state_dict_if_present)
+_RESERVED_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def _strip_reserved(key: str) -> str:
+    return ".".join(s for s in key.split(".") if s not in _RESERVED_SEGMENTS)
 
 
 class _StateTensors(Mapping):
-    """A state dict by parameter name, resolving pruned ``<name>_orig * <name>_mask`` pairs."""
+    """A state dict by parameter name, resolving pruned ``<name>_orig * <name>_mask`` pairs;
+    keys saved from a compiled/FSDP/checkpoint-wrapped module are found by canonical name."""
 
     def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
         self.state = state
+        self.alias = {_strip_reserved(k): k for k in state if _strip_reserved(k) != k}
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        if key in self.state:
+            return self.state[key]
+        return self.state.get(self.alias[key]) if key in self.alias else None
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name in self.state:
-            return self.state[name]
-        orig, mask = self.state.get(f"{name}_orig"), self.state.get(f"{name}_mask")
+        value = self._get(name)
+        if value is not None:
+            return value
+        orig, mask = self._get(f"{name}_orig"), self._get(f"{name}_mask")
         if orig is None or mask is None:
             raise KeyError(name)
         return orig * mask
 
     def __contains__(self, name: object) -> bool:
-        return name in self.state or (f"{name}_orig" in self.state and f"{name}_mask" in self.state)
+        try:
+            self[name]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
 
     def __iter__(self):
         return iter(self.state)
@@ -152,11 +193,13 @@ class _StateTensors(Mapping):
 
 def param_deltas(
     source: nn.Module | Mapping[str, torch.Tensor],
-    plan: InitPlan,
+    plan: Plan,
     name: str,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> Iterable[tuple[slice, np.ndarray]]:
-    """``(rows, |w - w0|)`` chunks for one parameter, over its blocks."""
+    """``(rows, |w - w0|)`` chunks for one parameter, in float64: over its generator blocks
+    (an InitPlan) or its stored copy (a RecordedPlan). ``w0`` is taken in ``w``'s own dtype,
+    so a zero delta means bit-identical."""
     tensors = _source_tensors(source)
     if name not in tensors:
         raise ValueError(
@@ -167,28 +210,46 @@ def param_deltas(
         raise ValueError(
             f"{name}: shape {tuple(w.shape)} does not match its init plan {plan.shape(name)}"
         )
+    if isinstance(plan, RecordedPlan):
+        yield from _recorded_deltas(w, plan.tensors[name], chunk_elems)
+        return
     for b in plan.blocks[name]:
         for rows, delta in iter_deltas(w[b.start : b.stop], b.spec, chunk_elems):
             yield slice(b.start + rows.start, b.start + rows.stop), delta
 
 
+def _recorded_deltas(
+    w: torch.Tensor, w0: torch.Tensor, chunk_elems: int
+) -> Iterable[tuple[slice, np.ndarray]]:
+    """As :func:`~cdi_experiments.generator.core.iter_deltas`, against a stored ``w0`` (cast
+    to ``w``'s dtype first: exact when it was recorded in that dtype)."""
+    w0 = w0.to(w.dtype)
+    if w.dim() == 0:  # a scalar parameter: one "row"
+        w, w0 = w.reshape(1), w0.reshape(1)
+    row_elems = max(1, w[0].numel())
+    step = max(1, chunk_elems // row_elems)
+    for a in range(0, w.shape[0], step):
+        rows = slice(a, min(a + step, w.shape[0]))
+        yield rows, (w[rows].double() - w0[rows].double()).abs().numpy()
+
+
 def analyze_module(
     source: nn.Module | Mapping[str, torch.Tensor],
-    plan: InitPlan,
+    plan: Plan,
     thresholds: Iterable[float] = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
     *,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     quantiles: Iterable[float] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99),
 ) -> pd.DataFrame:
-    """Per-parameter table of how far each tensor moved from its regenerated initial value.
+    """Per-parameter table of how far each tensor moved from its initial value.
 
-    Initial values are regenerated in chunks of at most ``chunk_elems`` elements, so peak extra
+    With an InitPlan, initial values are regenerated in chunks of at most ``chunk_elems`` elements, so peak extra
     memory is about ``40 * chunk_elems`` bytes (40 MiB by default) whatever the model size
     (orthogonal/LSUV matrices are regenerated whole: QR needs the full matrix).
 
     Returns:
         One row per parameter: ``name, layer_id, scheme, shape, numel, mean_delta, max_delta,
-        q50...`` and, per threshold ``t``, ``changed@t`` and ``awake_pct@t``; plus a final
+        q50...`` (a RecordedPlan's rows have an empty ``layer_id`` and scheme ``recorded``) and, per threshold ``t``, ``changed@t`` and ``awake_pct@t``; plus a final
         ``__total__`` row.
     """
     ts = tuple(check_threshold(t) for t in thresholds)
@@ -200,18 +261,13 @@ def analyze_module(
         for _, delta in param_deltas(source, plan, name, chunk_elems):
             st.add(delta)
             overall.add(delta)
-        blocks = plan.blocks[name]
-        rows.append(
-            _stats_row(
-                name,
-                ",".join(str(b.spec.layer_id) for b in blocks),
-                blocks[0].spec.scheme,
-                plan.shape(name),
-                st,
-                ts,
-                qs,
-            )
-        )
+        if isinstance(plan, RecordedPlan):  # no generator address: the values were stored
+            layer_id, scheme = "", plan.scheme
+        else:
+            blocks = plan.blocks[name]
+            layer_id = ",".join(str(b.spec.layer_id) for b in blocks)
+            scheme = blocks[0].spec.scheme
+        rows.append(_stats_row(name, layer_id, scheme, plan.shape(name), st, ts, qs))
     rows.append(_stats_row("__total__", "", plan.scheme, (), overall, ts, qs))
     return pd.DataFrame(rows)
 
@@ -236,7 +292,7 @@ def _stats_row(name, layer_id, scheme, shape, st: DeltaStats, ts, qs) -> dict[st
 
 def awakened_masks(
     source: nn.Module | Mapping[str, torch.Tensor],
-    plan: InitPlan,
+    plan: Plan,
     threshold: float,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> dict[str, torch.Tensor]:
@@ -251,10 +307,9 @@ def awakened_masks(
     return out
 
 
-def rewind(
-    module: nn.Module, plan: InitPlan, masks: Mapping[str, torch.Tensor] | None = None
-) -> None:
-    """Reset parameters to their regenerated initial values (only where ``masks`` is True)."""
+def rewind(module: nn.Module, plan: Plan, masks: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Reset parameters to their initial values (only where ``masks`` is True), regenerated
+    or, for a RecordedPlan, copied from the record."""
     tensors = _ModuleTensors(module)
     with torch.no_grad():
         for name in plan.names():

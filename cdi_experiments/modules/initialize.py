@@ -2,8 +2,10 @@
 
 :func:`init_module` walks a module, writes every supported parameter from the generator and
 returns an :class:`InitPlan`: for each parameter, the :class:`TensorInit` blocks that
-regenerate it. Layers are addressed by a stable id derived from the parameter's name
-(``layer_ids="name"``, the default), so adding a layer never reshuffles the others; integer
+regenerate it. Layers are addressed by a stable id derived from the parameter's canonical
+name (``layer_ids="name"``, the default; wrappers such as ``torch.compile`` or DDP are looked
+through, see :mod:`~cdi_experiments.modules.naming`), so adding a layer never reshuffles the
+others and a compiled model gets the bare model's weights; integer
 ids in module order (``layer_ids="index"``) match the original tool's numbering.
 
 Supported: Linear, Conv1d/2d/3d (and transposed), Embedding, MultiheadAttention (the packed
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +26,8 @@ from torch import nn
 
 from cdi_experiments.generator import schemes
 from cdi_experiments.generator.core import TensorInit, fans, generate_tensor, layer_id_for
-from cdi_experiments.modules.plan import Block, InitPlan
+from cdi_experiments.modules.naming import canonical_named_modules
+from cdi_experiments.modules.plan import Block, InitPlan, RecordedPlan
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,41 @@ def _apply(param: torch.Tensor, blocks: list[Block]) -> None:
             )
 
 
+_WEIGHT_LOCALS = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _tracked(
+    module: nn.Module, *, biases: bool, norms: bool
+) -> Iterator[tuple[nn.Module, str, str, torch.Tensor, str]]:
+    """``(owner, local name, canonical name, parameter, kind)`` for every parameter an init
+    covers, in module order; kind is ``"norm"``, ``"weight"`` or ``"bias"``. Names are
+    canonical (:mod:`~cdi_experiments.modules.naming`), so wrappers change nothing."""
+    for mname, m in canonical_named_modules(module):
+        for local, param in m.named_parameters(recurse=False):
+            pname = f"{mname}.{local}" if mname else local
+            is_bias = "bias" in local
+            if isinstance(m, _NORMS):
+                if norms:
+                    yield m, local, pname, param, "norm"
+            elif isinstance(m, (nn.Linear, nn.Embedding, nn.MultiheadAttention, *_CONVS)):
+                if not is_bias and local in _WEIGHT_LOCALS:
+                    yield m, local, pname, param, "weight"
+                elif is_bias and biases and not isinstance(m, nn.Embedding):
+                    yield m, local, pname, param, "bias"
+
+
+def record_module(module: nn.Module, *, biases: bool = True, norms: bool = True) -> RecordedPlan:
+    """Record ``module``'s current values of the parameters :func:`init_module` would cover
+    (same canonical names, same selection), leaving them as they are: the plan of an init
+    made elsewhere, e.g. the model's own ``reset_parameters``.
+
+    The returned :class:`RecordedPlan` holds a CPU copy of each tensor in its own dtype, so it
+    costs as much memory as those parameters (and as much again in a checkpoint).
+    """
+    tracked = _tracked(module, biases=biases, norms=norms)
+    return RecordedPlan({pname: p for _, _, pname, p, _ in tracked})
+
+
 def init_module(
     module: nn.Module,
     seed: int = 0,
@@ -172,57 +210,25 @@ def init_module(
     # every spec is built (and so validated) before the first write: a bad override or scheme
     # parameter raises with the module untouched
     todo: list[tuple[torch.Tensor, list[Block]]] = []
-    for mname, m in module.named_modules():
-        for local, param in m.named_parameters(recurse=False):
-            pname = f"{mname}.{local}" if mname else local
-            is_bias = "bias" in local
-            ov = _override_for(pname, overrides)
-            if ov is not None:
-                s_name, s_params = _scheme_and_params(ov, {})
-            else:
-                s_name, s_params = base_scheme, params
-            if isinstance(m, _NORMS):
-                if not norms:
-                    continue
-                blocks = [
-                    Block(
-                        0,
-                        param.shape[0],
-                        TensorInit(
-                            seed,
-                            ids.norm(pname),
-                            tuple(param.shape),
-                            *(
-                                (s_name, s_params)
-                                if ov is not None
-                                else ("zeros" if is_bias else "ones", {})
-                            ),
-                        ),
-                    )
-                ]
-            elif (
-                isinstance(m, (nn.Linear, nn.Embedding, nn.MultiheadAttention, *_CONVS))
-                and not is_bias
-            ):
-                if local not in (
-                    "weight",
-                    "in_proj_weight",
-                    "q_proj_weight",
-                    "k_proj_weight",
-                    "v_proj_weight",
-                ):
-                    continue
-                blocks = _weight_specs(m, pname, param, seed, s_name, s_params, ids, zero_mean_conv)
-            elif isinstance(m, (nn.Linear, nn.MultiheadAttention, *_CONVS)) and is_bias:
-                if not biases:
-                    continue
-                blocks = [_bias_block(m, pname, param, seed, s_name, s_params, ids)]
-            else:
-                continue
-            todo.append((param, blocks))
-            plan.blocks[pname] = blocks
-            # an override counts as used only where it initialized something
-            used_overrides.update(k for k in overrides if pname == k or pname.startswith(k + "."))
+    for m, local, pname, param, kind in _tracked(module, biases=biases, norms=norms):
+        is_bias = "bias" in local
+        ov = _override_for(pname, overrides)
+        if ov is not None:
+            s_name, s_params = _scheme_and_params(ov, {})
+        else:
+            s_name, s_params = base_scheme, params
+        if kind == "norm":
+            spec = (s_name, s_params) if ov is not None else ("zeros" if is_bias else "ones", {})
+            shape = tuple(param.shape)
+            blocks = [Block(0, shape[0], TensorInit(seed, ids.norm(pname), shape, *spec))]
+        elif kind == "weight":
+            blocks = _weight_specs(m, pname, param, seed, s_name, s_params, ids, zero_mean_conv)
+        else:
+            blocks = [_bias_block(m, pname, param, seed, s_name, s_params, ids)]
+        todo.append((param, blocks))
+        plan.blocks[pname] = blocks
+        # an override counts as used only where it initialized something
+        used_overrides.update(k for k in overrides if pname == k or pname.startswith(k + "."))
     unused = set(overrides) - used_overrides
     if unused:
         raise ValueError(
@@ -260,7 +266,7 @@ def _lsuv(
     variance on ``batch`` is 1. The scale lives in the plan, so regeneration stays exact."""
     weighted = [
         (n, m)
-        for n, m in module.named_modules()
+        for n, m in canonical_named_modules(module)
         if isinstance(m, (nn.Linear, *_CONVS)) and f"{n}.weight" in plan.blocks
     ]
     was_training = module.training
@@ -295,4 +301,4 @@ def _lsuv(
         module.train(was_training)
 
 
-__all__ = ["LAYER_ID_MODES", "init_module"]
+__all__ = ["LAYER_ID_MODES", "init_module", "record_module"]

@@ -6,7 +6,8 @@ invariants. Criteria are plain score functions in a registry (:func:`criterion_n
 
 * ``sleeping`` is a *threshold* rule, the original tool's: prune every weight that moved by at
   most ``threshold`` from its initial value, ``|w - w0| <= threshold``. ``w0`` is regenerated
-  from the :class:`~cdi_experiments.modules.InitPlan`; no copy of it is ever stored.
+  from an :class:`~cdi_experiments.modules.InitPlan` (no copy stored), or read from a
+  :class:`~cdi_experiments.modules.RecordedPlan` (the copy of a foreign init).
 * every other criterion is a *ranked* rule: prune exactly ``k`` entries per layer, those with
   the lowest scores, ties broken by a stable sort of the flattened (row-major) scores, so the
   lowest flat index goes first. The count is exact even when many scores are equal, as they
@@ -20,6 +21,9 @@ Prunable parameters (:func:`prunable_names`): the weights of ``Linear``, ``Conv*
 ``in_proj_weight``, ``q/k/v_proj_weight``; two or more dims). Norm weights, biases and
 embeddings are left alone unless asked for (``include_biases=True``,
 ``include_embeddings=True``).
+
+Parameter names are canonical (:mod:`cdi_experiments.modules.naming`): a compiled or
+DDP-wrapped model is pruned under the same names as the bare one.
 
 Masks are applied with ``torch.nn.utils.prune.custom_from_mask``: the module keeps
 ``weight_orig`` (trained) and a ``weight_mask`` buffer, and computes ``weight = weight_orig *

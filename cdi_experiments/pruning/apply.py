@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from cdi_experiments.modules.analysis import rewind
-from cdi_experiments.modules.plan import InitPlan
+from cdi_experiments.modules.plan import Plan
 from cdi_experiments.pruning.criteria import _sub_plan
 from cdi_experiments.pruning.mask import Mask, _owner, _trainable
 
@@ -51,7 +51,7 @@ def masked_copy(model: nn.Module, mask: Mask) -> nn.Module:
     return apply_mask(copy.deepcopy(model), mask)
 
 
-def rewind_and_mask(model: nn.Module, plan: InitPlan, mask: Mask) -> nn.Module:
+def rewind_and_mask(model: nn.Module, plan: Plan, mask: Mask) -> nn.Module:
     """The lottery-ticket step (Frankle & Carbin 2019, https://arxiv.org/abs/1803.03635):
     survivors go back to their regenerated initial values, pruned weights to exactly 0.
 
@@ -74,10 +74,10 @@ def rewind_and_mask(model: nn.Module, plan: InitPlan, mask: Mask) -> nn.Module:
             keep[name] = keep[name] & old if name in keep else old
         make_permanent(model)
     rewind(model, plan, keep)
-    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, k in keep.items():
-            params[name].masked_fill_(~k.to(params[name].device), 0.0)
+            p = _trainable(model, name)
+            p.masked_fill_(~k.to(p.device), 0.0)
     return apply_mask(model, Mask(keep, model))
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from torch import nn
 
 from cdi_experiments.generator.core import check_threshold
-from cdi_experiments.modules.plan import InitPlan
+from cdi_experiments.modules.plan import Plan
 from cdi_experiments.pruning.apply import masked_copy, rewind_and_mask
 from cdi_experiments.pruning.criteria import (
     THRESHOLD_CRITERIA,
@@ -24,6 +24,7 @@ from cdi_experiments.pruning.criteria import (
     sleeping_mask,
 )
 from cdi_experiments.pruning.mask import Mask
+from cdi_experiments.tables import format_frame
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def _row(
     target: str,
     mask: Mask,
     model: nn.Module,
-    plan: InitPlan,
+    plan: Plan,
     evaluate_fn: Callable[[nn.Module], float],
     acc_before: float,
     finetune_fn: Callable[[nn.Module], Any] | None,
@@ -76,7 +77,7 @@ def _row(
 
 def prune_and_evaluate(
     model: nn.Module,
-    plan: InitPlan,
+    plan: Plan,
     evaluate_fn: Callable[[nn.Module], float],
     *,
     threshold: float,
@@ -151,14 +152,12 @@ def prune_and_evaluate(
 def format_table(df: pd.DataFrame) -> str:
     """A console table of :func:`prune_and_evaluate`'s result (per-layer JSON left out)."""
     cols = [c for c in df.columns if c != "layer_sparsity"]
-    formatters: dict[str, Callable[[Any], str]] = {"sparsity": lambda x: f"{100 * x:.2f}%"}
+    formats: dict[str, Callable[[Any], str]] = {"sparsity": lambda x: f"{100 * x:.2f}%"}
     for c in ("acc_before", "acc_after", "acc_finetuned", "acc_rewound"):
-        formatters[c] = lambda x: f"{x:.4f}"
-    formatters["acc_delta"] = lambda x: f"{x:+.4f}"
-    formatters["num_pruned"] = lambda x: f"{int(x):,}"
-    return df[cols].to_string(
-        index=False, formatters={k: v for k, v in formatters.items() if k in cols}
-    )
+        formats[c] = lambda x: f"{x:.4f}"
+    formats["acc_delta"] = lambda x: f"{x:+.4f}"
+    formats["num_pruned"] = lambda x: f"{int(x):,}"
+    return format_frame(df[cols], formats)
 
 
 __all__ = [

@@ -14,47 +14,47 @@ from torch import nn
 from cdi_experiments.generator import bits as B
 from cdi_experiments.generator.core import check_threshold, layer_id_for
 from cdi_experiments.modules.analysis import awakened_masks
-from cdi_experiments.modules.plan import InitPlan
+from cdi_experiments.modules.plan import Plan
 from cdi_experiments.pruning.mask import Mask, _trainable, effective_weight, prunable_names
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- criteria
 
-ScoreFn = Callable[[torch.Tensor, InitPlan, str, int], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, Plan, str, int], torch.Tensor]
 """``score(weight, plan, name, seed) -> scores`` of ``weight``'s shape; lowest pruned first."""
 
 
-def _initial(weight: torch.Tensor, plan: InitPlan, name: str) -> torch.Tensor:
-    # regenerated in the weight's dtype, so a zero difference means bit-identical
+def _initial(weight: torch.Tensor, plan: Plan, name: str) -> torch.Tensor:
+    # in the weight's dtype (regenerated, or the record cast), so 0 means bit-identical
     return plan.initial(name, dtype=weight.dtype)
 
 
-def sleeping(weight: torch.Tensor, plan: InitPlan, name: str, seed: int) -> torch.Tensor:
+def sleeping(weight: torch.Tensor, plan: Plan, name: str, seed: int) -> torch.Tensor:
     """``|w - w0|``, for the threshold rule: prune where ``|w - w0| <= threshold``
     (see :func:`sleeping_mask`). Ranked by count it would equal ``movement``."""
     return movement(weight, plan, name, seed)
 
 
-def magnitude(weight: torch.Tensor, plan: InitPlan, name: str, seed: int) -> torch.Tensor:
+def magnitude(weight: torch.Tensor, plan: Plan, name: str, seed: int) -> torch.Tensor:
     """``|w|``: the classic magnitude pruning (Han et al. 2015)."""
     return weight.detach().double().abs()
 
 
-def movement(weight: torch.Tensor, plan: InitPlan, name: str, seed: int) -> torch.Tensor:
-    """``|w - w0|``: how far training moved the weight from its regenerated initial value."""
+def movement(weight: torch.Tensor, plan: Plan, name: str, seed: int) -> torch.Tensor:
+    """``|w - w0|``: how far training moved the weight from its initial value."""
     w0 = _initial(weight, plan, name)
     return (weight.detach().double() - w0.double()).abs()
 
 
-def magnitude_increase(weight: torch.Tensor, plan: InitPlan, name: str, seed: int) -> torch.Tensor:
+def magnitude_increase(weight: torch.Tensor, plan: Plan, name: str, seed: int) -> torch.Tensor:
     """``|w| - |w0|``: Zhou et al. 2019, "Deconstructing lottery tickets",
     https://arxiv.org/abs/1905.01067 (weights that shrank go first)."""
     w0 = _initial(weight, plan, name)
     return weight.detach().double().abs() - w0.double().abs()
 
 
-def random_scores(weight: torch.Tensor, plan: InitPlan, name: str, seed: int) -> torch.Tensor:
+def random_scores(weight: torch.Tensor, plan: Plan, name: str, seed: int) -> torch.Tensor:
     """Uniform scores from a ``torch.Generator`` seeded with ``fold(seed, layer_id_for(name))``:
     deterministic per (seed, parameter name), independent across layers."""
     g = torch.Generator().manual_seed(B.fold(seed, layer_id_for(name)))
@@ -131,21 +131,19 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
-def _sub_plan(plan: InitPlan, names: Sequence[str]) -> InitPlan:
-    missing = [n for n in names if n not in plan.blocks]
+def _sub_plan(plan: Plan, names: Sequence[str]) -> Plan:
+    missing = [n for n in names if n not in plan]
     if missing:
         raise ValueError(
-            f"parameters {missing} are not in the init plan, so their initial values cannot "
-            "be regenerated; initialize them with init_module or leave them out"
+            f"parameters {missing} are not in the init plan, so their initial values are "
+            "unknown; initialize (init_module) or record (record_module) them, or leave them out"
         )
-    return InitPlan(
-        plan.seed, plan.scheme, {n: plan.blocks[n] for n in names}, plan.generator_version
-    )
+    return plan.subset(names)
 
 
 def sleeping_mask(
     model: nn.Module,
-    plan: InitPlan,
+    plan: Plan,
     threshold: float,
     *,
     names: Sequence[str] | None = None,
@@ -182,7 +180,7 @@ def sleeping_mask(
 
 
 def _ranked_mask(
-    model: nn.Module, plan: InitPlan, criterion: str, counts: Mapping[str, int], seed: int
+    model: nn.Module, plan: Plan, criterion: str, counts: Mapping[str, int], seed: int
 ) -> Mask:
     fn = _ranked_criterion(criterion)
     seed = _check_seed(seed)
@@ -203,7 +201,7 @@ def _ranked_mask(
 
 def ranked_mask(
     model: nn.Module,
-    plan: InitPlan,
+    plan: Plan,
     criterion: str,
     fractions: Mapping[str, float],
     *,
@@ -232,7 +230,7 @@ def ranked_mask(
 
 def matched_masks(
     model: nn.Module,
-    plan: InitPlan,
+    plan: Plan,
     reference_mask: Mask,
     criteria: Iterable[str] = ("magnitude", "movement", "magnitude_increase", "random"),
     seed: int = 0,
@@ -250,7 +248,7 @@ def matched_masks(
 
 def masks_at_sparsity(
     model: nn.Module,
-    plan: InitPlan,
+    plan: Plan,
     criterion: str,
     sparsities: float | Iterable[float],
     seed: int = 0,

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from cdi_experiments.modules.plan import InitPlan
+from cdi_experiments.modules.naming import canonical_named_modules, resolve_module
+from cdi_experiments.modules.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module holding parameter ``name`` and its local name (pruned or not)."""
     path, _, local = name.rpartition(".")
     try:
-        module = model.get_submodule(path) if path else model
+        module, _ = resolve_module(model, path)  # canonical path: wrappers looked through
     except AttributeError:
         module = None
     if module is None or (
@@ -58,7 +59,7 @@ def effective_weight(model: nn.Module, name: str) -> torch.Tensor:
 
 def prunable_names(
     model: nn.Module,
-    plan: InitPlan | None = None,
+    plan: Plan | None = None,
     *,
     include_biases: bool = False,
     include_embeddings: bool = False,
@@ -67,7 +68,8 @@ def prunable_names(
 
     Args:
         model: any module; already-pruned parameters are listed under their plain name
-            (``fc1.weight``, not ``fc1.weight_orig``).
+            (``fc1.weight``, not ``fc1.weight_orig``), and names are canonical (a compiled
+            model's ``_orig_mod.fc1.weight`` is ``fc1.weight``).
         plan: when given, only parameters it covers (criteria need their initial values).
         include_biases: also list the biases of those modules.
         include_embeddings: also list ``nn.Embedding`` weights.
@@ -78,7 +80,7 @@ def prunable_names(
     """
     kinds: tuple[type, ...] = _PRUNABLE_MODULES + ((nn.Embedding,) if include_embeddings else ())
     names = []
-    for mname, module in model.named_modules():
+    for mname, module in canonical_named_modules(model):
         if not isinstance(module, kinds):
             continue
         for local, param in module._parameters.items():
@@ -88,7 +90,7 @@ def prunable_names(
             is_weight = base in _WEIGHT_NAMES and param.dim() >= 2
             is_bias = include_biases and base.endswith("bias") and param.dim() == 1
             full = f"{mname}.{base}" if mname else base
-            if (is_weight or is_bias) and (plan is None or full in plan.blocks):
+            if (is_weight or is_bias) and (plan is None or full in plan):
                 names.append(full)
     return names
 
@@ -147,7 +149,7 @@ class Mask(Mapping[str, torch.Tensor]):
         model: nn.Module,
         names: Iterable[str] | None = None,
         *,
-        plan: InitPlan | None = None,
+        plan: Plan | None = None,
         include_biases: bool = False,
     ) -> Mask:
         """Keep everything: one all-True mask per name (default: :func:`prunable_names`)."""
@@ -167,7 +169,7 @@ class Mask(Mapping[str, torch.Tensor]):
     def from_model(cls, model: nn.Module) -> Mask:
         """The masks currently applied to ``model`` by ``torch.nn.utils.prune``."""
         tensors = {}
-        for mname, module in model.named_modules():
+        for mname, module in canonical_named_modules(model):
             for local in list(module._parameters):
                 if local.endswith("_orig") and _is_pruned(module, local[: -len("_orig")]):
                     base = local[: -len("_orig")]

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import re
-import sys
 import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,42 +31,15 @@ from cdi_experiments.paths import (
     METRICS_CSV,
     PRUNE_CSV,
     RUN_INFO_JSON,
-    OneLineArgumentParser,
     atomic_write_csv,
     atomic_write_text,
 )
+from cdi_experiments.tables import format_frame, markdown_frame
 
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("train/acc", "train/loss", "val/acc", "val/loss", "test/acc", "test/loss")
 DEFAULT_THRESHOLD = 1e-5
-
-
-def format_frame(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
-    """A DataFrame as an aligned text table (no extra dependency)."""
-    cols = [str(c) for c in df.columns]
-    rows = [
-        [floatfmt.format(v) if isinstance(v, float) else str(v) for v in r]
-        for r in df.itertuples(index=False)
-    ]
-    widths = [
-        max(len(c), *(len(r[k]) for r in rows)) if rows else len(c) for k, c in enumerate(cols)
-    ]
-    line = "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
-
-
-def markdown_frame(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
-    """A DataFrame as a GitHub-flavoured markdown table."""
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
-    body = [
-        "| " + " | ".join(floatfmt.format(v) if isinstance(v, float) else str(v) for v in r) + " |"
-        for r in df.itertuples(index=False)
-    ]
-    return "\n".join([head, sep, *body])
 
 
 def layer_table(history: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -162,7 +134,7 @@ def run_row(run: Path) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run": str(run),
         "data": cfg["data"]["name"],
-        "model": cfg["model"]["name"],
+        "model": info.get("model_name") or cfg["model"]["name"],  # older runs: model.name
         "init": _init_label(cfg["init"]),
         "seed": cfg["seed"],
         "epochs": cfg["trainer"]["max_epochs"],
@@ -451,59 +423,44 @@ def run_figures(run_dir: Path, threshold: float = DEFAULT_THRESHOLD) -> list[Pat
 # ----------------------------------------------------------------------------- cdi-report
 
 
-class _ReportError(ValueError):
-    """Bad command-line input; becomes one stderr line and exit code 2."""
+class ReportError(ValueError):
+    """Bad input to :func:`write_report`: a missing folder, a file as ``out``, no runs."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``cdi-report [ROOTS...] [--out DIR] [--threshold T]``; returns the exit code."""
-    parser = OneLineArgumentParser(
-        prog="cdi-report", description="Aggregate cdi-train runs into tables and figures."
-    )
-    parser.add_argument(
-        "roots", nargs="*", type=Path, default=[Path("outputs")], help="folders holding runs"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("outputs/report"), help="where tables and figures go"
-    )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=DEFAULT_THRESHOLD,
-        help="awakened-share threshold for the figures (the nearest tracked one is used)",
-    )
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # usage errors (one line, exit 2) and --help (exit 0)
-        return int(exc.code or 0)
-    try:
-        if not (math.isfinite(args.threshold) and args.threshold > 0):
-            raise _ReportError(f"--threshold {args.threshold} must be a number > 0, e.g. 1e-5")
-        for r in args.roots:
-            if not r.is_dir():
-                raise _ReportError(
-                    f"{r} is not a directory; pass folders holding runs (e.g. outputs/multirun/...)"
-                )
-        if args.out.exists() and not args.out.is_dir():
-            raise _ReportError(f"--out {args.out} is a file; pass a directory")
-        table = collect(args.roots)
-        if table.empty:
-            raise _ReportError(
-                f"no finished runs (run_info.json) under {', '.join(map(str, args.roots))}"
+def write_report(
+    roots: Iterable[Path], out: Path, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[pd.DataFrame, list[Path]]:
+    """``cdi-report``'s work: collect the runs below ``roots``, write tables and figures.
+
+    Everything is checked before anything is written: on an error ``out`` is not created.
+
+    Args:
+        roots: folders holding runs (at any depth).
+        out: where ``runs.csv``, ``runs.md`` and ``figures/`` go.
+        threshold: awakened-share threshold for the figures (the nearest tracked one is used).
+
+    Returns:
+        The runs table (:func:`collect`) and the figures written.
+
+    Raises:
+        ReportError: ``threshold`` not a number > 0, a root that is not a directory, ``out``
+            an existing file, or no finished run below ``roots``.
+    """
+    roots = [Path(r) for r in roots]
+    out = Path(out)
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ReportError(f"--threshold {threshold} must be a number > 0, e.g. 1e-5")
+    for r in roots:
+        if not r.is_dir():
+            raise ReportError(
+                f"{r} is not a directory; pass folders holding runs (e.g. outputs/multirun/...)"
             )
-    except (_ReportError, OSError) as exc:
-        message = " ".join(str(exc).split())
-        print(f"cdi-report: error: {message}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(args.out / "runs.csv", table)
-    atomic_write_text(args.out / "runs.md", markdown_frame(table.drop(columns=["run"])) + "\n")
-    figs = make_figures(table, args.out / FIGURE_DIR, args.threshold)
-    print(format_frame(table.drop(columns=["run"])))
-    print(f"\n{len(table)} runs -> {args.out / 'runs.csv'}, {args.out / 'runs.md'}")
-    print(f"{len(figs)} figures in {args.out / FIGURE_DIR}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; pass a directory")
+    table = collect(roots)
+    if table.empty:
+        raise ReportError(f"no finished runs (run_info.json) under {', '.join(map(str, roots))}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(out / "runs.csv", table)
+    atomic_write_text(out / "runs.md", markdown_frame(table.drop(columns=["run"])) + "\n")
+    return table, make_figures(table, out / FIGURE_DIR, threshold)

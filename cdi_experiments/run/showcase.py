@@ -26,14 +26,13 @@ every number can be recomputed).
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import platform
 import random
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +43,13 @@ import torch
 from torch import nn
 
 from cdi_experiments import __version__, modules, pruning
-from cdi_experiments.datasets import DatasetError, load_tensors
+from cdi_experiments.datasets import load_tensors
 from cdi_experiments.generator import DEFAULT_THRESHOLD, GENERATOR_VERSION
 from cdi_experiments.generator.core import check_threshold
-from cdi_experiments.models import build_model
+from cdi_experiments.models import MLP
+from cdi_experiments.modules.evaluate import evaluate as evaluate_model
 from cdi_experiments.paths import atomic_write
+from cdi_experiments.tables import format_frame
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,6 @@ def _norm_text(center: bool) -> str:
     return f"(x - {MNIST_MEAN}) / {MNIST_STD}" if center else f"x / {MNIST_STD}"
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x).argmax(dim=1) == y).double().mean())
-    model.train(was_training)
-    return acc
-
-
 def _train(
     model: nn.Module,
     x: torch.Tensor,
@@ -172,7 +164,7 @@ def _experiment(
     threshold = cfg.threshold
     torch.manual_seed(cfg.seed)
     x_train, x_test = _prepare(data.train_images, center), _prepare(data.test_images, center)
-    model = build_model("mlp")  # 784-128-64-10, fc1..fc3; fc1.weight[:, j] reads pixel j
+    model = MLP()  # 784-128-64-10, fc1..fc3; fc1.weight[:, j] reads pixel j
     plan = modules.init_module(model, cfg.seed, "he", layer_ids="name")
     say(
         f"init: {sum(p.numel() for p in model.parameters()):,} parameters, all regenerable "
@@ -180,7 +172,7 @@ def _experiment(
     )
 
     def evaluate(m: nn.Module) -> float:
-        return _accuracy(m, x_test, data.y_test)
+        return float(evaluate_model(m, [(x_test, data.y_test)])["acc"])
 
     def on_epoch(epoch: int, loss: float, seconds: float) -> None:
         say(
@@ -335,21 +327,43 @@ def _pixel_lines(facts: dict[str, Any], train_images: int, control: dict | None)
     return lines
 
 
-# ----------------------------------------------------------------------------- files
-
-
 # ----------------------------------------------------------------------------- the run
+
+
+@contextlib.contextmanager
+def deterministic_cpu() -> Iterator[None]:
+    """Deterministic kernels and one thread inside the block; the previous settings after.
+
+    The same bits on every run and core count (and one thread is as fast as two for this
+    model, and far steadier on a busy machine).
+    """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
 
 
 def run(cfg: ShowcaseConfig, echo: Callable[[str], None] = print) -> ShowcaseResult:
     """Train, measure, prune and compare; write the files; return the tables and summary.
 
-    ``echo`` receives every console line; with ``cfg.quiet`` only the verdict lines.
+    Runs under :func:`deterministic_cpu`. ``echo`` receives every console line; with
+    ``cfg.quiet`` only the verdict lines.
 
     Raises:
         DatasetError: MNIST is missing or corrupt (``cdi-data fetch`` fixes it).
         ValueError: a bad config value.
     """
+    with deterministic_cpu():
+        return _run(cfg, echo)
+
+
+def _run(cfg: ShowcaseConfig, echo: Callable[[str], None]) -> ShowcaseResult:
     t_start = time.perf_counter()
     threshold = check_threshold(cfg.threshold)
     cfg = ShowcaseConfig(**{**asdict(cfg), "threshold": threshold})
@@ -385,10 +399,13 @@ def run(cfg: ShowcaseConfig, echo: Callable[[str], None] = print) -> ShowcaseRes
     say("Changed share per parameter, % (|w - w0| > t, w0 regenerated from the plan):")
     thresholds = tuple(sorted({*LAYER_THRESHOLDS, threshold}))
     shown = main.layers[["name", "shape", "numel"]].copy()
+    formats: dict[str, Callable[[Any], str]] = {}
     for t in thresholds:
-        shown[f"t={t:g}"] = main.layers[f"awake_pct@{t:g}"].map(lambda v: f"{v:.3f}")
-    shown["median |w-w0|"] = main.layers["q50_delta"].map(lambda v: f"{v:.2e}")
-    say(shown.to_string(index=False))
+        shown[f"t={t:g}"] = main.layers[f"awake_pct@{t:g}"]
+        formats[f"t={t:g}"] = "{:.3f}".format
+    shown["median |w-w0|"] = main.layers["q50_delta"]
+    formats["median |w-w0|"] = "{:.2e}".format
+    say(format_frame(shown, formats))
     say()
     say(
         "Pruning (matched@t: sleeping prunes |w - w0| <= t, the others exactly as many weights "
@@ -447,122 +464,3 @@ def run(cfg: ShowcaseConfig, echo: Callable[[str], None] = print) -> ShowcaseRes
     say(f"wrote {', '.join(str(p) for p in files.values())}")
     say(f"total {summary['total_seconds']:.1f} s")
     return ShowcaseResult(main.layers, main.prune, summary, files)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]  # one line, no usage
-        raise _UsageError(message)
-
-
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-
-    return parse
-
-
-def _limit(text: str) -> int:
-    value = _int_at_least(1)(text)
-    if value > MNIST_TRAIN_SIZE:
-        raise argparse.ArgumentTypeError(
-            f"must be <= {MNIST_TRAIN_SIZE} (the training set's size), got {value}"
-        )
-    return value
-
-
-def _threshold(text: str) -> float:
-    try:
-        return check_threshold(float(text))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    d = ShowcaseConfig()
-    p = _Parser(
-        prog=PROG,
-        description=(
-            "Train an MLP on real MNIST from a deterministic init, measure which weights never "
-            "moved, prune them, and compare with magnitude/movement/random pruning."
-        ),
-    )
-    p.add_argument(
-        "--seed",
-        type=_int_at_least(0),
-        default=d.seed,
-        help="init and batch-order seed (default: %(default)s)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=_int_at_least(1),
-        default=d.epochs,
-        help="training epochs (default: %(default)s)",
-    )
-    p.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=d.threshold,
-        help="a weight sleeps when |w - w0| <= threshold (default: %(default)g, the original "
-        "tool's: ~1000x float32 rounding at these weight sizes, 1%% of one Adam step)",
-    )
-    p.add_argument("--limit", type=_limit, default=None, help="train on the first N images only")
-    p.add_argument("--out", type=Path, default=d.out, help="output folder (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="print only the verdict lines")
-    p.add_argument(
-        "--no-center",
-        dest="center",
-        action="store_false",
-        help="main run scales by 1/std without subtracting the mean (zero pixels stay 0)",
-    )
-    p.add_argument(
-        "--no-control",
-        dest="control",
-        action="store_false",
-        help="skip the control run with the other input scaling",
-    )
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``cdi-showcase``; returns the exit status (0 ok, 1 failed, 2 bad flags)."""
-    try:
-        args = _build_parser().parse_args(argv)
-    except _UsageError as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except SystemExit as exit_:  # --help
-        return int(exit_.code or 0)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s", stream=sys.stderr)
-    # Deterministic kernels and one thread: the same bits on every run and core count (and
-    # one thread is as fast as two for this model, and far steadier on a busy machine).
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    try:
-        run(ShowcaseConfig(**vars(args)), echo=lambda line: print(line, flush=True))
-    except (DatasetError, ValueError, OSError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
-    finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.set_num_threads(threads)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

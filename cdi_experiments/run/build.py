@@ -1,0 +1,199 @@
+"""Build a run's objects from its config: ``hydra.utils.instantiate`` on every ``_target_``.
+
+The config names the classes and their arguments; the builder adds only what depends on the
+run, and only where the target's constructor takes it by name and the config did not set it:
+
+* the model: ``input_shape`` and ``num_classes`` from the datamodule;
+* callbacks: ``out_dir`` (the run directory) and ``dirpath`` (its ``checkpoints/``);
+* loggers: ``save_dir`` (the run directory), ``keep_epochs_upto`` (the epochs a resumed
+  checkpoint holds) and, for W&B, the run id kept in the checkpoint, ``resume="allow"``, the
+  config and the mode (offline unless asked).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
+from torch import nn
+
+from cdi_experiments.lightning.callback import DeterministicInitCallback
+from cdi_experiments.lightning.classifier import Classifier
+from cdi_experiments.paths import RunPaths
+from cdi_experiments.run.schema import ConfigError, one_line, plain, target_signature
+
+# Optional packages a target may need, and how to install them.
+_PIP = {"mlflow": "'cdi-experiments[mlflow]' (or mlflow-skinny)"}
+
+
+def _with_run_args(spec: dict[str, Any], run_args: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` plus each ``run_args`` entry its target takes by name and ``spec`` lacks."""
+    sig = target_signature(spec["_target_"])
+    return {**{k: v for k, v in run_args.items() if k in sig.names and k not in spec}, **spec}
+
+
+def _instantiate(key: str, spec: dict[str, Any], **kwargs: Any) -> Any:
+    """``instantiate(spec)`` with plain containers; a missing package or a constructor's
+    ValueError/TypeError becomes one :class:`ConfigError` line naming ``key``."""
+    try:
+        return instantiate(spec, _convert_="all", **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ImportError) and getattr(cause, "name", None):
+            pkg = str(cause.name).split(".")[0]
+            raise ConfigError(
+                f"{key}._target_={spec['_target_']!r} needs the package {pkg!r}; "
+                f"pip install {_PIP.get(pkg, pkg)}"
+            ) from None
+        raise ConfigError(f"{key}: {one_line(cause or exc)}") from None
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """The datamodule ``cfg.data`` describes."""
+    return _instantiate("data", plain(cfg.data))
+
+
+def model_spec(cfg: DictConfig, dm: Any) -> dict[str, Any]:
+    """``cfg.model`` plus ``input_shape``/``num_classes`` from ``dm`` where the model takes them:
+    the dict the checkpoint stores and that rebuilds the model."""
+    run_args = {}
+    if hasattr(dm, "input_shape"):
+        run_args["input_shape"] = list(dm.input_shape)
+    if hasattr(dm, "num_classes"):
+        run_args["num_classes"] = int(dm.num_classes)
+    return _with_run_args(plain(cfg.model), run_args)
+
+
+def optimizer_spec(cfg: DictConfig) -> dict[str, Any]:
+    return plain(cfg.optimizer)
+
+
+def scheduler_spec(cfg: DictConfig) -> dict[str, Any] | None:
+    spec = plain(cfg.get("scheduler")) or None
+    return spec if spec and spec.get("_target_") else None
+
+
+def build_lit_module(cfg: DictConfig, dm: Any) -> Classifier:
+    """The LightningModule: the model ``cfg.model`` names, trained with ``cfg.optimizer`` (and
+    ``cfg.scheduler``)."""
+    spec = model_spec(cfg, dm)
+    model = _instantiate("model", spec)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model._target_={spec['_target_']!r} built a {type(model).__name__}, not a "
+            "torch.nn.Module; give a module.Class that subclasses nn.Module"
+        )
+    return Classifier(
+        model=model, model_cfg=spec, optimizer=optimizer_spec(cfg), scheduler=scheduler_spec(cfg)
+    )
+
+
+def build_callbacks(cfg: DictConfig, paths: RunPaths | None) -> list[pl.Callback]:
+    """``cfg.callbacks`` in config order (``null`` entries are switched off)."""
+    run_args = {}
+    if paths is not None:
+        run_args = {"out_dir": str(paths.root), "dirpath": str(paths.checkpoints)}
+    specs = plain(cfg.get("callbacks")) or {}
+    return [
+        _instantiate(f"callbacks.{name}", _with_run_args(spec, run_args))
+        for name, spec in specs.items()
+        if spec is not None
+    ]
+
+
+def init_callback(callbacks: list[pl.Callback]) -> DeterministicInitCallback:
+    """The :class:`DeterministicInitCallback` among ``callbacks``.
+
+    Raises:
+        ConfigError: There is none (its initial weights are what the run tracks and prunes).
+    """
+    for cb in callbacks:
+        if isinstance(cb, DeterministicInitCallback):
+            return cb
+    raise ConfigError(
+        "callbacks has no DeterministicInitCallback; keep callbacks.deterministic_init "
+        "(cdi-train tracks and prunes against its initial weights)"
+    )
+
+
+def build_loggers(
+    cfg: DictConfig,
+    paths: RunPaths,
+    callback: DeterministicInitCallback,
+    resumed: dict[str, Any],
+    resume_epoch: int | None = None,
+) -> list[Logger]:
+    """``cfg.logger``'s loggers. ``resumed``: the init callback's checkpoint state (``{}`` for a
+    fresh run); ``resume_epoch``: the checkpoint's epoch, whose rows the metrics CSV keeps."""
+    loggers: list[Logger] = []
+    for name, spec in (plain(cfg.get("logger")) or {}).items():
+        if spec is None:
+            continue
+        run_args: dict[str, Any] = {"save_dir": str(paths.root), "keep_epochs_upto": resume_epoch}
+        cls = get_class(spec["_target_"])
+        if issubclass(cls, MLFlowLogger):
+            run_args["save_dir"] = str(paths.root / "mlruns")
+            if not (spec.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")):
+                # A store in the run directory, needing no server or database. MLflow 3 keeps
+                # its file store in maintenance mode and refuses it unless this is set.
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        spec = _with_run_args(spec, run_args)
+        if issubclass(cls, WandbLogger):
+            spec = _wandb_args(cfg, spec, paths, callback, resumed)
+        # Not recursive: W&B's `config` holds the run's own _target_ nodes, to record, not build.
+        loggers.append(_instantiate(f"logger.{name}", spec, _recursive_=False))
+    return loggers
+
+
+def _wandb_args(
+    cfg: DictConfig,
+    spec: dict[str, Any],
+    paths: RunPaths,
+    callback: DeterministicInitCallback,
+    resumed: dict[str, Any],
+) -> dict[str, Any]:
+    spec = dict(spec)
+    # Offline unless the user asks otherwise (WANDB_MODE or logger.wandb.mode). Passing mode
+    # to wandb.init, not WandbLogger(offline=True), keeps WANDB_MODE out of os.environ, where
+    # it would leak into later multirun jobs.
+    spec["mode"] = os.environ.get("WANDB_MODE") or spec.get("mode") or "offline"
+    # The run id lives in the checkpoint, so a resumed run continues the same W&B run.
+    run_id = spec.get("id") or resumed.get("extra", {}).get("wandb_run_id") or uuid.uuid4().hex[:12]
+    callback.extra_state["wandb_run_id"] = run_id
+    spec.setdefault("id", run_id)
+    spec.setdefault("resume", "allow")
+    spec.setdefault("config", plain(cfg))
+    paths.wandb.mkdir(parents=True, exist_ok=True)
+    return spec
+
+
+def build_trainer(
+    cfg: DictConfig, paths: RunPaths, loggers: list[Logger], callbacks: list[pl.Callback]
+) -> pl.Trainer:
+    """``cfg.trainer`` with the run's loggers, callbacks and directory."""
+    return _instantiate(
+        "trainer",
+        plain(cfg.trainer),
+        logger=loggers or False,
+        callbacks=callbacks,
+        default_root_dir=str(paths.root),
+    )
+
+
+__all__ = [
+    "build_callbacks",
+    "build_datamodule",
+    "build_lit_module",
+    "build_loggers",
+    "build_trainer",
+    "init_callback",
+    "model_spec",
+    "optimizer_spec",
+    "scheduler_spec",
+]

@@ -1,0 +1,121 @@
+"""Resuming a run: is the checkpoint in its directory one this config can continue?
+
+Resuming is exact: the data order is a function of ``(seed, epoch)``, the optimizer state is in
+Lightning's checkpoint, and :class:`~cdi_experiments.lightning.rng.RngState` adds torch's
+generator state (dropout), which Lightning does not save. The metrics CSV keeps the rows of the
+epochs the checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from cdi_experiments.run.schema import ConfigError
+
+# The init callback's identity fields -> the config keys that set them (configs/callbacks).
+INIT_KEYS = {
+    "seed": "seed",
+    "mode": "init.mode",
+    "scheme": "init.scheme",
+    "params": "init.params",
+    "overrides": "init.overrides",
+    "layer_ids": "init.layer_ids",
+    "biases": "init.biases",
+    "zero_mean_conv": "init.zero_mean_conv",
+}
+
+
+def identity_error(exc: Exception) -> ConfigError:
+    """An :class:`InitIdentityError` restated with the config keys (one line)."""
+    from cdi_experiments.lightning.callback import mismatch_message
+
+    diff = getattr(exc, "diff", None)
+    return ConfigError(mismatch_message(diff, INIT_KEYS) if diff else str(exc))
+
+
+def callback_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`DeterministicInitCallback`'s state in a checkpoint (``{}`` if none)."""
+    for key, state in ckpt.get("callbacks", {}).items():
+        if key.startswith("DeterministicInitCallback"):
+            return state
+    return {}
+
+
+def epochs_done(ckpt: dict[str, Any]) -> int:
+    """Epochs whose training a checkpoint holds. (Its ``epoch`` is the epoch index when saved
+    at an epoch end, but the count of epochs when saved as training ends.)"""
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(ckpt["epoch"]) + 1
+
+
+def _diff(theirs: Any, ours: Any, prefix: str) -> str:
+    theirs, ours = theirs or {}, ours or {}
+    keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    return "; ".join(
+        f"{prefix}.{k}: checkpoint {theirs.get(k)!r} vs this run {ours.get(k)!r}" for k in keys
+    )
+
+
+def check_resume(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint ``run_dir`` would resume from, after checking it matches ``cfg``.
+
+    Args:
+        cfg: The task config (no ``hydra`` node).
+        run_dir: The run directory.
+
+    Returns:
+        ``None`` for a fresh run (no ``checkpoints/last.ckpt`` or ``resume=false``), else the
+        loaded checkpoint.
+
+    Raises:
+        ConfigError: The checkpoint's initial weights came from another seed or init config,
+            or it holds another model, optimizer, scheduler or data stream (the message names
+            each difference).
+    """
+    from cdi_experiments.paths import RunPaths  # pandas: not needed for --help or config errors
+
+    path = RunPaths(run_dir).last_ckpt
+    if not cfg.resume or not path.exists():
+        return None
+    # Lightning is imported only here, where a checkpoint exists (not for a fresh run's check).
+    from cdi_experiments.lightning.callback import InitIdentityError
+    from cdi_experiments.run import build
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # The callback's own check of the identity fields (the fingerprint needs the model, so the
+    # callback compares it again when Lightning restores it).
+    try:
+        build.init_callback(build.build_callbacks(cfg, None)).load_state_dict(callback_state(ckpt))
+    except InitIdentityError as exc:
+        raise identity_error(exc) from None
+    fix = f"resume with the checkpoint's config, or start over in a new run directory ({path})"
+    hp = ckpt.get("hyper_parameters", {})
+    dm = build.build_datamodule(cfg)
+    ours = {
+        "model_cfg": build.model_spec(cfg, dm),
+        "optimizer": build.optimizer_spec(cfg),
+        "scheduler": build.scheduler_spec(cfg),
+    }
+    for key, name in (
+        ("model_cfg", "model"),
+        ("optimizer", "optimizer"),
+        ("scheduler", "scheduler"),
+    ):
+        if (hp.get(key) or None) != (ours[key] or None):
+            raise ConfigError(f"cannot resume: {_diff(hp.get(key), ours[key], name)}; {fix}")
+    dm_state = ckpt.get(type(dm).__qualname__)
+    if dm_state is not None:
+        try:
+            dm.load_state_dict(dm_state)
+        except ValueError as exc:
+            raise ConfigError(f"cannot resume: {exc}") from None
+    return ckpt
+
+
+__all__ = ["INIT_KEYS", "callback_state", "check_resume", "epochs_done", "identity_error"]
