@@ -4,9 +4,10 @@
 
 Per file, one line: ``same`` (bytes equal), ``same tensors`` (checkpoints and saved models
 whose tensors are bit-identical; their pickled containers may differ), ``same except ...``
-(JSON/YAML that differ only in keys the run itself varies: pid, host, argv, the config's
-layout), or ``DIFFERENT`` with the first difference. Exit status 1 if any file that carries
-results (CSV, figures, tensors, fingerprints) differs or is missing on one side.
+(JSON that differs only in keys the run itself varies: pid, host, argv, the config's
+layout; keys the after side adds are listed), or ``DIFFERENT`` with the first difference.
+Exit status 1 if any file that carries results (CSV, figures, tensors, fingerprints)
+differs or is missing on one side.
 """
 
 from __future__ import annotations
@@ -56,11 +57,15 @@ def compare_tensors(a: Path, b: Path) -> str | None:
     return None
 
 
-def compare_json(a: Path, b: Path) -> str | None:
+def compare_json(a: Path, b: Path) -> tuple[str | None, list[str]]:
+    """(the first difference in keys both sides have, or None; keys only the after side has)."""
     ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
-    keys = (set(ja) | set(jb)) - VOLATILE_JSON_KEYS
-    diff = sorted(k for k in keys if ja.get(k) != jb.get(k))
-    return f"keys differ: {diff}" if diff else None
+    keys = (set(ja) & set(jb)) - VOLATILE_JSON_KEYS
+    diff = sorted(k for k in keys if ja[k] != jb[k])
+    dropped = sorted(set(ja) - set(jb) - VOLATILE_JSON_KEYS)
+    if dropped:
+        diff.append(f"dropped {dropped}")
+    return (f"keys differ: {diff}" if diff else None), sorted(set(jb) - set(ja))
 
 
 def main(argv: list[str]) -> int:
@@ -85,8 +90,10 @@ def main(argv: list[str]) -> int:
             status = "same tensors" if why is None else f"DIFFERENT: {why}"
             bad += why is not None
         elif rel.endswith(".json"):
-            why = compare_json(a, b)
+            why, added = compare_json(a, b)
             status = "same except launch keys" if why is None else f"DIFFERENT: {why}"
+            if why is None and added:
+                status += f", plus new keys {added}"
             bad += why is not None
         elif rel in LAUNCH_FILES:
             status = "differs (launch record, not a result)"

@@ -123,3 +123,14 @@ class CrashAfterFirstEpoch(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         raise RuntimeError("simulated crash after epoch 0")
+
+
+def assert_awake_row(row, deltas, thresholds) -> None:
+    """A logged metrics row holds, per parameter, the awake share at every threshold and the
+    mean and max of ``|w - w0|`` that an independent recomputation (``deltas``) gives."""
+    for name, d in deltas.items():
+        for t in thresholds:
+            count = int((d > t).sum())
+            assert row[f"awake/{name}@{t:g}"] == pytest.approx(100 * count / d.size, rel=1e-9)
+        assert row[f"delta_mean/{name}"] == pytest.approx(d.mean(), rel=1e-9)
+        assert row[f"delta_max/{name}"] == d.max()

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import assert_awake_row
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -86,12 +87,7 @@ def test_own_lightning_module_logs_awake_metrics_equal_to_an_independent_recompu
     [row] = [r for _, r in metrics.dropna(subset=["awake/all@0"]).iterrows()]
     logged = {k for k in metrics.columns if k.startswith(("awake/", "delta_"))}
     assert len(logged) == 14 * 5  # 4 parameters + all, 14 keys each (<= 16 tensors: per param)
-    for name, d in deltas.items():
-        for t in THRESHOLDS:
-            count = int((d > t).sum())
-            assert row[f"awake/{name}@{t:g}"] == pytest.approx(100 * count / d.size, rel=1e-9)
-        assert row[f"delta_mean/{name}"] == pytest.approx(d.mean(), rel=1e-9)
-        assert row[f"delta_max/{name}"] == d.max()
+    assert_awake_row(row, deltas, THRESHOLDS)
     assert 50 < row["awake/all@1e-05"] < 100  # training moved things: not a vacuous check
     assert float(trainer.callback_metrics["awake/all@0.01"]) == pytest.approx(
         row["awake/all@0.01"], rel=1e-12

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import quick_cfg
+from conftest import assert_awake_row, quick_cfg
 
 from cdi_experiments import DeterministicNoiseGenerator, layer_id_for
 from cdi_experiments.generator import bits as B
@@ -143,12 +143,7 @@ def test_every_epochs_metrics_equal_snapshots(he_run):
     for epoch, weights in he_run.snaps.weights.items():
         deltas = abs_deltas(weights, seed=0, scheme="he")
         row = rows[epoch]
-        for name, d in deltas.items():
-            for t in THRESHOLDS:
-                count = int((d > t).sum())
-                assert row[f"awake/{name}@{t:g}"] == pytest.approx(100 * count / d.size, rel=1e-9)
-            assert row[f"delta_mean/{name}"] == pytest.approx(d.mean(), rel=1e-9)
-            assert row[f"delta_max/{name}"] == d.max()
+        assert_awake_row(row, deltas, THRESHOLDS)
         if previous is not None:  # epochs differ, so a stale snapshot would be caught
             assert row["delta_mean/all"] != previous
         previous = row["delta_mean/all"]

@@ -108,7 +108,19 @@ def _source_tensors(source: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[s
     raise ValueError(f"analyze needs an nn.Module or a state dict, got {type(source).__name__}")
 
 
-class _ModuleTensors(Mapping):
+class _Lookup(Mapping):
+    """A read-only mapping whose membership is "``self[name]`` resolves" (pruned pairs and
+    wrapper aliases included), not "the key is stored"."""
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[name]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+
+class _ModuleTensors(_Lookup):
     """A module's tensors by canonical parameter name (wrappers looked through); a pruned
     parameter (torch.nn.utils.prune keeps ``<name>_orig`` and ``<name>_mask``) resolves to its
     effective, masked value."""
@@ -132,13 +144,6 @@ class _ModuleTensors(Mapping):
             raise KeyError(name)
         return value
 
-    def __contains__(self, name: object) -> bool:
-        try:
-            self[name]  # type: ignore[index]
-        except KeyError:
-            return False
-        return True
-
     def __iter__(self):
         return (n for n, _ in canonical_named_parameters(self.module))
 
@@ -155,7 +160,7 @@ def _strip_reserved(key: str) -> str:
     return ".".join(s for s in key.split(".") if s not in _RESERVED_SEGMENTS)
 
 
-class _StateTensors(Mapping):
+class _StateTensors(_Lookup):
     """A state dict by parameter name, resolving pruned ``<name>_orig * <name>_mask`` pairs;
     keys saved from a compiled/FSDP/checkpoint-wrapped module are found by canonical name."""
 
@@ -176,13 +181,6 @@ class _StateTensors(Mapping):
         if orig is None or mask is None:
             raise KeyError(name)
         return orig * mask
-
-    def __contains__(self, name: object) -> bool:
-        try:
-            self[name]  # type: ignore[index]
-        except KeyError:
-            return False
-        return True
 
     def __iter__(self):
         return iter(self.state)
