@@ -8,6 +8,7 @@ import pytest
 from conftest import CONFIG_DIR, compose_cfg
 from omegaconf import OmegaConf
 
+from cdi_experiments.generator import schemes
 from cdi_experiments.run import build
 from cdi_experiments.run.preflight import preflight, sweep_jobs
 from cdi_experiments.run.schema import GROUPS, ConfigError, check_config, task_config
@@ -26,7 +27,8 @@ def test_every_group_has_options() -> None:
     folders = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")}
     assert folders - {"hydra"} == set(GROUPS)
     assert all(OPTIONS[g] for g in GROUPS)
-    assert len(OPTIONS["init"]) == 18
+    # one option per registered scheme, plus LSUV and the two that are not schemes
+    assert set(OPTIONS["init"]) == {*schemes.names(), "lsuv", "partial", "record"}
 
 
 @pytest.mark.parametrize(

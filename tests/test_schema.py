@@ -16,7 +16,7 @@ from cdi_experiments.run.schema import ConfigError, check_config, target_signatu
 ERR = "cdi-train: error: "
 INIT_OPTIONS = (
     "constant, custom, he, he_uniform, keras_default, lecun, lecun_uniform, lsuv, "
-    "normal_fan_in, ones, orthogonal, partial, torch_default, uniform, uniform_fan_in, xavier, "
+    "normal_fan_in, ones, orthogonal, partial, record, torch_default, uniform, uniform_fan_in, xavier, "
     "xavier_uniform, zeros"
 )
 

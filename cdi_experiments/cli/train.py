@@ -23,13 +23,16 @@ from omegaconf import DictConfig
 
 from cdi_experiments.run.preflight import CONFIG_MODULE, CONFIG_NAME, preflight
 from cdi_experiments.run.schema import ConfigError
-from cdi_experiments.run.train import train
 
 EXIT_CONFIG = 2
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
 def _hydra_main(cfg: DictConfig) -> float | None:
+    # The one lazy import of the app: run.train imports Lightning (3.4 s here), which --help,
+    # --cfg and config errors never need.
+    from cdi_experiments.run.train import train
+
     try:
         metrics, _ = train(cfg)
     except ConfigError as exc:

@@ -36,9 +36,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -427,10 +429,6 @@ def _as_is(batch: Any) -> Any:
 
 def _seed_worker(worker_id: int) -> None:
     """Seed Python's and numpy's RNGs in a worker from torch's per-worker seed."""
-    import random
-
-    import numpy as np
-
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -19,6 +19,10 @@ from typing import Any
 from unittest import mock
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_original_cwd
+from pytorch_lightning.strategies.launchers import subprocess_script
 
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -26,9 +30,6 @@ _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE
 def ddp_rank_command(local_rank: int) -> tuple[list[str], str]:
     """The command DDP rank ``local_rank`` starts with inside a Hydra multirun job: this job's
     own overrides as a single run into this job's directory."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd
-
     hc = HydraConfig.get()
     command = [sys.executable, "-m", "cdi_experiments.cli.train", *hc.overrides.task]
     command += [
@@ -48,16 +49,11 @@ def ddp_ranks_per_job() -> Iterator[None]:
     (``LOCAL_RANK`` among them, which tells Lightning that the ranks exist already) are
     restored, so the next job starts its own ranks.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     saved = {k: os.environ.get(k) for k in _DDP_ENV}
     dist = torch.distributed
     had_group = dist.is_available() and dist.is_initialized()
     patch: Any = contextlib.nullcontext()
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        from pytorch_lightning.strategies.launchers import subprocess_script
-
         patch = mock.patch.object(subprocess_script, "_hydra_subprocess_cmd", ddp_rank_command)
     try:
         with patch:

@@ -10,6 +10,7 @@ line, so a bad job ``n`` stops the sweep before job 0 trains.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 from collections.abc import Mapping, Sequence
@@ -134,8 +135,6 @@ def _missing_option(exc: MissingConfigException, overrides: list[str]) -> str:
 
 def _unknown_key(exc: Exception, overrides: list[str]) -> str | None:
     """For ``a.b.typo=1``: the closest key of ``a.b`` (its own and its target's arguments)."""
-    import difflib
-
     text = str(exc)
     m = _UNKNOWN_KEY.search(text)
     full = re.search(r"full_key: (\S+)", text)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from cdi_experiments.paths import RunPaths
 from cdi_experiments.run.schema import ConfigError
 
 # The init callback's identity fields -> the config keys that set them (configs/callbacks).
@@ -31,6 +32,7 @@ INIT_KEYS = {
 
 def identity_error(exc: Exception) -> ConfigError:
     """An :class:`InitIdentityError` restated with the config keys (one line)."""
+    # lazy: the callback module imports Lightning, which --help and config errors skip
     from cdi_experiments.lightning.callback import mismatch_message
 
     diff = getattr(exc, "diff", None)
@@ -78,8 +80,6 @@ def check_resume(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] 
             or it holds another model, optimizer, scheduler or data stream (the message names
             each difference).
     """
-    from cdi_experiments.paths import RunPaths  # pandas: not needed for --help or config errors
-
     path = RunPaths(run_dir).last_ckpt
     if not cfg.resume or not path.exists():
         return None

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from cdi_experiments.generator import schemes
@@ -166,8 +167,6 @@ def model_name(target: Any) -> str:
     """A run's model label: the ``model`` group option it was composed with (``mlp``,
     ``mlp_dropout``...), else (``model=custom``, or no Hydra job) :func:`short_name` of its
     ``_target_``. Used in run names and in ``run_info.json``."""
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get("model")
         if choice and choice != "custom":
@@ -398,6 +397,7 @@ def check_config(cfg: DictConfig) -> None:
     Args:
         cfg: The composed task config (no ``hydra`` node needed).
     """
+    # lazy: pruning pulls in pandas, which a config error or --help should not wait for
     from cdi_experiments.pruning import criterion_names
 
     for group, example in (("model", "mypkg.nets.TinyNet"), ("optimizer", "torch.optim.RMSprop")):

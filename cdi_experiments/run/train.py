@@ -3,8 +3,8 @@
 Fit, test, prune and report one composed ``cdi-train`` config (the command line is
 :mod:`cdi_experiments.cli.train`). The objects are built from the config's ``_target_`` s
 (:mod:`cdi_experiments.run.build`); a run directory holding ``checkpoints/last.ckpt`` resumes
-it after :func:`~cdi_experiments.run.resume.check_resume`. Lightning is imported inside
-:func:`train`, so importing this module stays fast.
+it after :func:`~cdi_experiments.run.resume.check_resume`. This module imports Lightning;
+the command line imports it only when a run starts, so ``--help`` and config errors stay fast.
 """
 
 from __future__ import annotations
@@ -17,11 +17,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import cdi_experiments
 from cdi_experiments.generator import bits as B
+from cdi_experiments.lightning.callback import InitIdentityError
+from cdi_experiments.paths import RunPaths, atomic_write_text
+from cdi_experiments.run import build
+from cdi_experiments.run.ddp import ddp_ranks_per_job
+from cdi_experiments.run.prune_stage import run_prune_stage
+from cdi_experiments.run.report import run_figures, summarize_run
 from cdi_experiments.run.resume import callback_state, check_resume, epochs_done, identity_error
 from cdi_experiments.run.schema import check_config, model_name, plain, task_config
 
@@ -48,8 +56,6 @@ def lightning_seed(seed: int) -> int:
 
 def run_dir_of(cfg: DictConfig) -> Path:
     """The run directory: Hydra's job output dir, else ``cfg.run_dir``, else the cwd."""
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.get("run_dir") or Path.cwd())
@@ -57,8 +63,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def run_info(cfg: DictConfig, identity: dict[str, Any], extra: dict | None = None) -> dict:
     """Config, versions and fingerprints saved with every run."""
-    import pytorch_lightning as pl
-
     return {
         "config": plain(cfg),
         "model_name": model_name(cfg.model.get("_target_")),
@@ -83,13 +87,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ConfigError: A config value that cannot work, or a checkpoint in the run directory
             that this config cannot resume (another seed, init, model, optimizer or data).
     """
-    import pytorch_lightning as pl
-
-    from cdi_experiments.lightning.callback import InitIdentityError
-    from cdi_experiments.paths import RunPaths, atomic_write_text
-    from cdi_experiments.run import build
-    from cdi_experiments.run.ddp import ddp_ranks_per_job
-
     cfg = task_config(cfg)
     check_config(cfg)
     paths = RunPaths(run_dir_of(cfg))
@@ -126,8 +123,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 trainer.test(lit, datamodule=dm, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if trainer.is_global_zero and cfg.prune.enabled:
-            from cdi_experiments.run.prune_stage import run_prune_stage
-
             if trainer.world_size > 1:
                 # Rank 0 prunes alone: it must see the whole test set, not its DDP shard
                 # (setup() would take the shard back from the trainer, so detach it).
@@ -136,8 +131,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if trainer.is_global_zero:
             info = run_info(cfg, callback.identity(), {"final_metrics": metrics})
             atomic_write_text(paths.run_info, json.dumps(info, indent=2, default=str))
-            from cdi_experiments.run.report import run_figures, summarize_run
-
             run_figures(paths.root, float(cfg.prune.threshold))
             print(summarize_run(paths.root, metrics, callback, prune_df))
         ok = True
