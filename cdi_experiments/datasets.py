@@ -335,17 +335,30 @@ def fetch_result(
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     root_path = _resolve_root(root)
-    if not force and is_ready(name, root_path):
-        log.debug("%s: already present and verified in %s", name, raw_dir(name, root_path))
-        return FetchResult(root_path, None)
+    problem: DatasetIntegrityError | None = None
+    if not force:
+        try:
+            verify(name, root_path)
+        except DatasetIntegrityError as err:
+            problem = err
+        else:
+            log.debug("%s: already present and verified in %s", name, raw_dir(name, root_path))
+            return FetchResult(root_path, None)
+    if problem is not None and problem.problem != "missing":
+        # Rotten bytes are news (a disk error, an edit, a wrong copy), not routine: say which.
+        log.warning("%s: %s: %s; fetching it again", name, problem.path, problem.problem)
 
     order = {"auto": ("registry", "torchvision"), "registry": ("registry",)}
     candidates = order.get(source, ("torchvision",))
-    root_path.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     for candidate in candidates:
-        # Stage under root so the final moves are same-filesystem renames.
-        with tempfile.TemporaryDirectory(prefix=".cdi-fetch-", dir=root_path) as tmp:
+        try:
+            root_path.mkdir(parents=True, exist_ok=True)
+            # Stage under root so the final moves are same-filesystem renames.
+            staging_dir = tempfile.TemporaryDirectory(prefix=".cdi-fetch-", dir=root_path)
+        except OSError as err:
+            raise _unwritable(name, root_path, problem, err) from None
+        with staging_dir as tmp:
             staging = Path(tmp) / "raw"
             staging.mkdir()
             try:
@@ -358,11 +371,27 @@ def fetch_result(
                     log.warning("%s: source %s failed, trying the next: %s", name, candidate, err)
                 failures.append(f"{candidate}: {err}")
                 continue
-            _install(staging, raw_dir(name, root_path))
+            try:
+                _install(staging, raw_dir(name, root_path))
+            except OSError as err:
+                raise _unwritable(name, root_path, problem, err) from None
         verify(name, root_path)
         log.info("%s: fetched from %s into %s", name, label, raw_dir(name, root_path))
         return FetchResult(root_path, label)
-    raise DatasetFetchError(f"could not fetch {name} ({'; '.join(failures)})")
+    why = f" to replace {problem.path} ({problem.problem})" if problem else ""
+    raise DatasetFetchError(f"could not fetch {name}{why} ({'; '.join(failures)})")
+
+
+def _unwritable(
+    name: str, root: Path, problem: DatasetIntegrityError | None, err: OSError
+) -> DatasetFetchError:
+    """The data root cannot be written (read-only, no permission, full): name the bad file."""
+    what = f"{problem.path}: {problem.problem}" if problem else f"{name} is not in {root}"
+    return DatasetFetchError(
+        f"{what}, and {root} is not writable ({err.strerror}), so it cannot be repaired "
+        f"here; run `{_fix_command(name, root)}` where {root} is writable, or point "
+        f"${DATA_DIR_ENV} at a writable directory"
+    )
 
 
 def _install(staging: Path, target: Path) -> None:

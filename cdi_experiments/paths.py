@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,8 +22,12 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 FIGURE_DIR = "figures"
 WANDB_DIR = "wandb"
-DONE_MARKER = "DONE"
+LOCK_FILE = ".lock"  # fcntl.flock by the one process writing the run (its PID inside)
+STATUS_JSON = "status.json"  # running | finished | failed | interrupted; finished is written last
 PRUNED_MODEL = "pruned_sleeping.pt"
+PRUNE_DIR = "prune"  # cdi-prune's results: <run>/prune/<invocation name>/
+PRUNE_INVOCATION = "invocation.json"  # which cdi-prune invocation a prune/<name>/ holds
+PRUNE_DONE = "DONE"  # written last in a prune/<name>/: its results are complete
 
 
 class RunPaths:
@@ -72,8 +78,50 @@ class RunPaths:
         return self.root / PRUNED_MODEL
 
     @property
-    def done(self) -> Path:
-        return self.root / DONE_MARKER
+    def lock(self) -> Path:
+        """The advisory lock file of the run's one writer (:mod:`cdi_experiments.run.lock`)."""
+        return self.root / LOCK_FILE
+
+    @property
+    def status(self) -> Path:
+        """The run's state (:mod:`cdi_experiments.run.status`); ``finished`` only once every
+        result file is written: the marker that a run is complete."""
+        return self.root / STATUS_JSON
+
+
+class DiskFullError(OSError):
+    """No space left while writing a result file (``ENOSPC`` or ``EDQUOT``); one line.
+
+    Attributes:
+        path: The file that could not be written (it is left as it was).
+        filesystem: The mount point of the filesystem that is full.
+    """
+
+    def __init__(self, path: Path, filesystem: Path) -> None:
+        self.path = path
+        self.filesystem = filesystem
+        super().__init__(
+            errno.ENOSPC,
+            f"cannot write {path}: no space left on {filesystem} (No space left on device); "
+            f"free space on {filesystem} and rerun",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the filesystem holding ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _is_full(exc: OSError) -> bool:
+    return not isinstance(exc, DiskFullError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -82,10 +130,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     Readers see the old file or the complete new one, never a partial write; on failure the
     temporary file is removed and ``path`` is untouched. The file gets the usual mode
     (``0666 & ~umask``), not mkstemp's 0600: results are meant to be shared.
+
+    Raises:
+        DiskFullError: The filesystem (or quota) is full: one line naming ``path`` and the
+            filesystem to free; ``path`` is untouched and no temporary file is left.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        if _is_full(exc):
+            raise DiskFullError(path, mount_point(path.parent)) from None
+        raise
     os.close(fd)
     try:
         write(Path(tmp))
@@ -93,8 +150,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and _is_full(exc):
+            raise DiskFullError(path, mount_point(path.parent)) from None
         raise
 
 
@@ -107,7 +166,11 @@ def atomic_torch_save(path: str | os.PathLike, obj: object) -> None:
     """:func:`atomic_write` of ``torch.save(obj)``."""
     import torch
 
-    atomic_write(path, lambda p: torch.save(obj, p))
+    # Serialized in memory first: torch's own file writer reports a full disk as a bare
+    # RuntimeError ("file write failed"), Python's as OSError(ENOSPC), which we can name.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
 
 
 def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:

@@ -6,8 +6,8 @@ Per file, one line: ``same`` (bytes equal), ``same tensors`` (checkpoints and sa
 whose tensors are bit-identical; their pickled containers may differ), ``same except ...``
 (JSON that differs only in keys the run itself varies: pid, host, argv, the config's
 layout; keys the after side adds are listed), or ``DIFFERENT`` with the first difference.
-Exit status 1 if any file that carries results (CSV, figures, tensors, fingerprints)
-differs or is missing on one side.
+Files only the after side has are listed as new. Exit status 1 if any file that carries
+results (CSV, figures, tensors, fingerprints) differs or is missing on the after side.
 """
 
 from __future__ import annotations
@@ -20,7 +20,17 @@ from typing import Any
 import torch
 
 # Keys that describe how a run was launched, not what it computed.
-VOLATILE_JSON_KEYS = {"argv", "host", "pid", "config", "versions", "started", "finished"}
+VOLATILE_JSON_KEYS = {
+    "argv",
+    "host",
+    "pid",
+    "config",
+    "versions",
+    "started_at",
+    "updated_at",
+    "finished_at",
+    "sweep_launch",
+}
 # Files whose text records the launch (timestamps, the config's shape), not results.
 LAUNCH_FILES = {
     "train.log",
@@ -80,9 +90,11 @@ def main(argv: list[str]) -> int:
     bad = 0
     for rel in files:
         a, b = before / rel, after / rel
-        if not a.exists() or not b.exists():
-            status = f"only in {'after' if b.exists() else 'before'}"
+        if not b.exists():  # a file the before side wrote is lost
+            status = "only in before: LOST"
             bad += rel not in LAUNCH_FILES
+        elif not a.exists():  # a new file changes no old result
+            status = "new in after"
         elif a.read_bytes() == b.read_bytes():
             status = "same"
         elif rel.endswith((".pt", ".ckpt")):

@@ -181,6 +181,72 @@ def test_failed_fetch_leaves_target_untouched(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["MNIST", "bin"]  # no staging left
 
 
+def _fake_registry(data_root: Path):
+    """A registry stager that copies the real files (no network), counting its calls."""
+    calls = []
+
+    def stage(name: str, staging: Path, workdir: Path) -> str:
+        calls.append(name)
+        for filename in ds.RAW_FILES:
+            shutil.copyfile(ds.raw_dir(name, data_root) / filename, staging / filename)
+        return "fake registry"
+
+    return stage, calls
+
+
+def test_refetched_corrupt_file_is_a_warning_naming_it_and_its_checksum(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    path = _copy_with_links(data_root, tmp_path, "mnist", copied="t10k-labels-idx1-ubyte")
+    _flip_byte(path)
+    bad_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    stage, calls = _fake_registry(data_root)
+    monkeypatch.setitem(ds._STAGERS, "registry", stage)
+    with caplog.at_level("INFO", logger=ds.__name__):
+        ds.fetch("mnist", tmp_path, source="registry")
+    assert calls == ["mnist"]
+    ds.verify("mnist", tmp_path)  # repaired
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    text = warning.getMessage()
+    assert str(path) in text and bad_sha[:12] in text and "fetching it again" in text
+
+
+def test_missing_files_are_fetched_without_a_warning(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    stage, _ = _fake_registry(data_root)
+    monkeypatch.setitem(ds._STAGERS, "registry", stage)
+    with caplog.at_level("INFO", logger=ds.__name__):
+        ds.fetch("mnist", tmp_path, source="registry")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_read_only_data_dir_with_a_corrupt_file_names_the_file(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _copy_with_links(data_root, tmp_path, "mnist", copied="train-labels-idx1-ubyte")
+    _truncate(path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+
+    def read_only(*args, **kwargs):  # tests run as root, where chmod cannot make a dir read-only
+        raise OSError(30, "Read-only file system", str(tmp_path))
+
+    monkeypatch.setattr(ds.tempfile, "TemporaryDirectory", read_only)
+    with pytest.raises(ds.DatasetFetchError) as info:
+        ds.fetch("mnist", tmp_path)
+    message = str(info.value)
+    assert message == (
+        f"{path}: size 60001 bytes, expected 60008 (incomplete or wrong file), and {tmp_path} "
+        "is not writable (Read-only file system), so it cannot be repaired here; run "
+        f"`cdi-data fetch --force --dataset mnist --root {tmp_path}` where {tmp_path} is "
+        "writable, or point $CDI_DATA_DIR at a writable directory"
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    proc = _cli("fetch", "--dataset", "mnist", "--root", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == f"cdi-data: error: {message}"
+
+
 # --------------------------------------------------------------------------- names, roots
 
 

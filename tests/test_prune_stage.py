@@ -207,8 +207,8 @@ def foreign_files(tmp_path_factory):
     ("args", "match"),
     [
         (["{missing}"], "does not exist"),
-        (["{plain}"], "no deterministic-init state"),
-        (["{garbage}"], "is not a readable checkpoint"),
+        (["{plain}"], "is not a cdi-train checkpoint: it has no DeterministicInitCallback state"),
+        (["{garbage}"], "is truncated or not a torch checkpoint \\(220 bytes of something else\\)"),
         (["{ckpt}", "--criteria", "sleeping,magnitud"], "unknown criterion 'magnitud'"),
         (["{ckpt}", "--sparsities", "0.5,1.5"], "'1.5' is not a fraction in \\(0, 1\\)"),
         (["{ckpt}", "--sparsities", "half"], "'half' is not a fraction"),

@@ -111,6 +111,13 @@ BAD = {
         "'comet_ml', which is not installed; pip install comet-ml"
     ),
     "seed=abc": "Error merging override seed=abc: Value 'abc' of type 'str' could not be",
+    # A run name is one folder inside the output root: it cannot lead out of it.
+    "run_name=../../etc": (
+        "run_name='../../etc' is not allowed; a run name is one folder name inside the output "
+        "root, without '/', '\\' or '..' (e.g. run_name=mlp-mnist-he-s0); to write elsewhere "
+        "set hydra.run.dir"
+    ),
+    "run_name=/tmp/elsewhere": "run_name='/tmp/elsewhere' is not allowed; a run name is one",
     # A sweep: every job is checked before job 0 starts.
     "-m seed=0,-5": "seed=-5 is not allowed; use an integer with 0 <= seed < 2**64",
     "-m init=zeros,hee": "init='hee' is not a config option; choose one of: " + INIT_OPTIONS,

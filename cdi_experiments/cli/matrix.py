@@ -35,6 +35,7 @@ from cdi_experiments.matrix import (
     glyphs_for,
     save_npy_atomic,
 )
+from cdi_experiments.paths import DiskFullError
 
 PROG = "cdi-matrix"
 DEFAULTS = {"seed": 42, "rows": 10, "cols": 20, "mode": "he", "layer_id": 0}
@@ -246,6 +247,8 @@ def _run(args: argparse.Namespace, save_to: Path | None, out: TextIO) -> int:
     if save_to is not None:  # before printing, so a failed write shows no half-finished report
         try:
             save_npy_atomic(save_to, result.matrix)
+        except DiskFullError as exc:  # already one line naming the file and the fix
+            raise SaveError(str(exc)) from None
         except OSError as exc:
             raise SaveError(
                 f"cannot write '{save_to}': {exc.strerror or exc}; "

@@ -1,7 +1,9 @@
 """``cdi-prune CKPT``: prune a ``cdi-train`` checkpoint and compare criteria (parse, call, exit).
 
 The initial weights are regenerated from the identity stored in the checkpoint (no copy of them
-is stored anywhere); the defaults come from the run's own config.
+is stored anywhere); the defaults come from the config stored in the checkpoint. Each
+invocation writes its own ``<run>/prune/<arguments>-<hash8>/``
+(:func:`~cdi_experiments.run.prune_stage.prune_checkpoint`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cdi_experiments.cli.args import OneLineArgumentParser
-from cdi_experiments.paths import RunPaths
+from cdi_experiments.cli.args import EXIT_USAGE, OneLineArgumentParser, print_error
+from cdi_experiments.datasets import DatasetError
 from cdi_experiments.pruning import criterion_names
-from cdi_experiments.run.schema import TrainConfig, check_config
+from cdi_experiments.run.checkpoint import check_checkpoint_path
+
+
+class _LevelFormatter(logging.Formatter):
+    """Progress lines as they are; warnings and errors start with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname}: {text}" if record.levelno >= logging.WARNING else text
 
 
 def _parse_list(text: str, what: str) -> list[str]:
@@ -66,10 +75,7 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
             overrides[key] = value
     if args.rewind:
         overrides["rewind"] = True
-    if not args.checkpoint.is_file():
-        raise ValueError(
-            f"checkpoint {args.checkpoint} does not exist; pass a .ckpt from <run>/checkpoints/"
-        )
+    check_checkpoint_path(args.checkpoint)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file; pass a directory")
     return overrides
@@ -78,14 +84,18 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """``cdi-prune CKPT [--criteria ...] [--sparsities ...] [--out DIR]``; returns the exit code.
 
-    Writes ``prune_results.csv`` to the run directory (or ``--out``) and prints the table.
-    Bad input gives one ``cdi-prune: error: ...`` line on stderr and exit code 2, and writes
-    nothing.
+    Writes ``prune_results.csv``, ``pruned_sleeping.pt`` and ``DONE`` to a directory of this
+    invocation's own, ``<run>/prune/<arguments>-<hash8>/`` (or ``--out``), and prints the
+    table; the same invocation again prints where its results are and exits 0. Bad input, a
+    bad checkpoint or a locked output directory give one ``cdi-prune: error: ...`` line on
+    stderr and exit code 2, and write nothing.
     """
     parser = OneLineArgumentParser(
         prog="cdi-prune",
         description="Prune a cdi-train checkpoint and compare criteria. Defaults come from the "
-        "run's own config; the initial weights are regenerated from the checkpoint's identity.",
+        "config stored in the checkpoint; the initial weights are regenerated from its "
+        "identity. Each invocation writes its own <run>/prune/<arguments>-<hash8>/; "
+        "rerunning it skips the work when it is done.",
     )
     parser.add_argument("checkpoint", type=Path, help="a cdi-train checkpoint (.ckpt)")
     parser.add_argument(
@@ -107,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         "--retrain-epochs", type=int, default=None, help="epochs of lottery-ticket retraining"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: the run directory)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: <run>/prune/<arguments>-<hash8>/); never one that "
+        "holds other results",
     )
     try:
         args = parser.parse_args(argv)
@@ -115,25 +129,23 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         overrides = _check_args(args)
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(_LevelFormatter("%(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         # Lightning is imported only now, after the command line checked out.
-        from cdi_experiments.run.build import build_datamodule
-        from cdi_experiments.run.prune_stage import load_run, run_prune_stage
+        from cdi_experiments.run.prune_stage import prune_checkpoint
 
-        model, plan, cfg = load_run(args.checkpoint)
-        cfg = OmegaConf.merge(
-            OmegaConf.structured(TrainConfig), cfg, {"prune": {**overrides, "enabled": True}}
+        outcome = prune_checkpoint(args.checkpoint, overrides, args.out)
+    except (ValueError, OmegaConfBaseException, DatasetError, OSError) as exc:
+        print_error("cdi-prune", exc)
+        return EXIT_USAGE
+    if outcome.skipped:
+        print(
+            f"already done: {outcome.results} (this checkpoint with these arguments); "
+            f"delete {outcome.out} to compute it again"
         )
-        check_config(cfg)
-        out = RunPaths(args.out or args.checkpoint.resolve().parent.parent)
-        out.root.mkdir(parents=True, exist_ok=True)
-        dm = build_datamodule(cfg)
-        run_prune_stage(model, plan, dm, cfg, out)
-        print(f"prune table: {out.prune}")
-    except (ValueError, OmegaConfBaseException) as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the exception said
-        print(f"cdi-prune: error: {message}", file=sys.stderr)
-        return 2
+    else:
+        print(f"prune table: {outcome.results}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """``cdi-report [ROOTS...] [--out DIR] [--threshold T]``: parse, call, exit code.
 
-The work is :func:`cdi_experiments.run.report.write_report`; exit status 0 ok, 2 bad input
-(one ``cdi-report: error: ...`` line, nothing written).
+The work is :func:`cdi_experiments.run.report.write_report`; exit status 0 ok, 2 bad input,
+an output folder another process is writing, or a full disk (one ``cdi-report: error: ...``
+line; nothing half-written). Without ``--out`` the report goes to ``<first root>/report/``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cdi_experiments.cli.args import EXIT_USAGE, OneLineArgumentParser, print_error
-from cdi_experiments.paths import FIGURE_DIR
-from cdi_experiments.run.report import DEFAULT_THRESHOLD, ReportError, write_report
+from cdi_experiments.paths import FIGURE_DIR, DiskFullError
+from cdi_experiments.run.report import (
+    DEFAULT_THRESHOLD,
+    REPORT_DIR,
+    UNREADABLE_CSV,
+    ReportError,
+    left_out_frame,
+    write_report,
+)
 from cdi_experiments.tables import format_frame
 
 PROG = "cdi-report"
@@ -25,7 +33,10 @@ def build_parser() -> OneLineArgumentParser:
         "roots", nargs="*", type=Path, default=[Path("outputs")], help="folders holding runs"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("outputs/report"), help="where tables and figures go"
+        "--out",
+        type=Path,
+        default=None,
+        help=f"where tables and figures go (default: <first root>/{REPORT_DIR})",
     )
     parser.add_argument(
         "--threshold",
@@ -43,13 +54,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (one line, exit 2) and --help (exit 0)
         return int(exc.code or 0)
     try:
-        table, figures = write_report(args.roots, args.out, args.threshold)
-    except (ReportError, OSError) as exc:
+        report = write_report(args.roots, args.out, args.threshold)
+    except DiskFullError as exc:
+        print_error(
+            PROG,
+            f"cannot write {exc.path}: no space left on {exc.filesystem}; free space on "
+            f"{exc.filesystem} and rerun {PROG}",
+        )
+        return EXIT_USAGE
+    except (ReportError, ValueError, OSError) as exc:  # ValueError: RunLockedError
         print_error(PROG, exc)
         return EXIT_USAGE
-    print(format_frame(table.drop(columns=["run"])))
-    print(f"\n{len(table)} runs -> {args.out / 'runs.csv'}, {args.out / 'runs.md'}")
-    print(f"{len(figures)} figures in {args.out / FIGURE_DIR}")
+    out = report.out
+    print(format_frame(report.table.drop(columns=["run"])))
+    if report.left_out:
+        print(f"\n{len(report.left_out)} runs left out (unfinished or unreadable):")
+        print(format_frame(left_out_frame(report.left_out)))
+    print(f"\n{len(report.table)} runs -> {out / 'runs.csv'}, {out / 'runs.md'}")
+    if report.left_out:
+        print(f"{len(report.left_out)} left out -> {out / UNREADABLE_CSV}")
+    print(f"{len(report.figures)} figures in {out / FIGURE_DIR}")
     return 0
 
 

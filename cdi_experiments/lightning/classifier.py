@@ -8,6 +8,11 @@ keeps Lightning's overhead over a plain PyTorch loop small (see ``scripts/bench_
 The model, optimizer and LR scheduler are Hydra ``_target_`` configs (plain dicts). Checkpoints
 store them as hyperparameters and load with ``torch.load(path, weights_only=True)``;
 ``Classifier.load_from_checkpoint(path)`` rebuilds the model from the stored ``model_cfg``.
+Every checkpoint also carries ``checkpoint["cdi"]``: versions and, when the run set
+:attr:`Classifier.run_config`, the composed task config it was trained with (plain containers).
+
+A non-finite loss (``nan``/``inf``, e.g. from a huge constant init or learning rate) raises
+:class:`NonFiniteLossError` at the step that produced it, before the optimizer applies it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from cdi_experiments.modules.evaluate import evaluate
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "lr": 1e-3}
 STAGES = ("train", "val", "test")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step's loss is ``nan`` or ``inf``: training cannot continue (one line: where, and what
+    to change)."""
 
 
 def optimizer_factory(cfg: Mapping[str, Any] | None) -> Callable[..., torch.optim.Optimizer]:
@@ -107,6 +117,9 @@ class Classifier(pl.LightningModule):
             }
         )
         self._totals: dict[str, _Totals] = {}
+        # The composed task config (plain containers), written into every checkpoint so that
+        # a checkpoint describes itself; set by the run (cdi_experiments.run.build).
+        self.run_config: dict[str, Any] | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` twice around every hook call (about 40 times per
@@ -130,18 +143,19 @@ class Classifier(pl.LightningModule):
     # ------------------------------------------------------------------ steps
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, batch_idx, "train")
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(batch, batch_idx, "val")
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._step(batch, batch_idx, "test")
 
-    def _step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: Sequence[torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self.model(x)  # (B, classes)
         loss = F.cross_entropy(logits, y)
+        self._check_finite(loss, batch_idx, stage)
         totals = self._totals.get(stage)
         if totals is None:  # the first step of an epoch
             totals = self._totals[stage] = _Totals(
@@ -153,6 +167,20 @@ class Classifier(pl.LightningModule):
         totals.correct.add_((logits.argmax(dim=1) == y).sum())
         totals.count += len(y)
         return loss
+
+    def _check_finite(self, loss: torch.Tensor, batch_idx: int, stage: str) -> None:
+        # One host sync per step (negligible on CPU); under DDP every rank must stop together,
+        # or the others would wait forever in the next collective.
+        bad = not bool(torch.isfinite(loss))
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss: {stage}/loss={float(loss.detach())} at epoch {self.current_epoch}, "
+                f"batch {batch_idx} (global step {self.global_step}); the run stopped; lower "
+                "optimizer.lr or change the init (a huge init.params value overflows)"
+            )
 
     # ------------------------------------------------------------------ epoch hooks
 
@@ -202,6 +230,8 @@ class Classifier(pl.LightningModule):
             "torch_version": str(torch.__version__),  # TorchVersion would break weights_only
             "model_cfg": self.hparams.get("model_cfg"),
         }
+        if self.run_config is not None:
+            checkpoint["cdi"]["config"] = self.run_config
 
     # ------------------------------------------------------------------ outside the Trainer
 
@@ -233,4 +263,4 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["DEFAULT_OPTIMIZER", "Classifier", "optimizer_factory"]
+__all__ = ["DEFAULT_OPTIMIZER", "Classifier", "NonFiniteLossError", "optimizer_factory"]

@@ -7,7 +7,12 @@ run, and only where the target's constructor takes it by name and the config did
 * callbacks: ``out_dir`` (the run directory) and ``dirpath`` (its ``checkpoints/``);
 * loggers: ``save_dir`` (the run directory), ``keep_epochs_upto`` (the epochs a resumed
   checkpoint holds) and, for W&B, the run id kept in the checkpoint, ``resume="allow"``, the
-  config and the mode (offline unless asked).
+  config and the mode (offline unless asked);
+* the trainer: :class:`~cdi_experiments.lightning.checkpoint_io.AtomicCheckpointIO` (checkpoints
+  written atomically on any filesystem) unless ``trainer.plugins`` is set.
+
+The LightningModule carries the composed task config, which every checkpoint then stores
+(``checkpoint["cdi"]["config"]``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,16 @@ from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
 from torch import nn
 
 from cdi_experiments.lightning.callback import DeterministicInitCallback
+from cdi_experiments.lightning.checkpoint_io import AtomicCheckpointIO
 from cdi_experiments.lightning.classifier import Classifier
 from cdi_experiments.paths import RunPaths
-from cdi_experiments.run.schema import ConfigError, one_line, plain, target_signature
+from cdi_experiments.run.schema import (
+    ConfigError,
+    one_line,
+    plain,
+    target_signature,
+    task_config,
+)
 
 # Optional packages a target may need, and how to install them.
 _PIP = {"mlflow": "'cdi-experiments[mlflow]' (or mlflow-skinny)"}
@@ -89,9 +101,11 @@ def build_lit_module(cfg: DictConfig, dm: Any) -> Classifier:
             f"model._target_={spec['_target_']!r} built a {type(model).__name__}, not a "
             "torch.nn.Module; give a module.Class that subclasses nn.Module"
         )
-    return Classifier(
+    lit = Classifier(
         model=model, model_cfg=spec, optimizer=optimizer_spec(cfg), scheduler=scheduler_spec(cfg)
     )
+    lit.run_config = plain(task_config(cfg))  # into every checkpoint: it describes itself
+    return lit
 
 
 def build_callbacks(cfg: DictConfig, paths: RunPaths | None) -> list[pl.Callback]:
@@ -176,13 +190,19 @@ def _wandb_args(
 def build_trainer(
     cfg: DictConfig, paths: RunPaths, loggers: list[Logger], callbacks: list[pl.Callback]
 ) -> pl.Trainer:
-    """``cfg.trainer`` with the run's loggers, callbacks and directory."""
+    """``cfg.trainer`` with the run's loggers, callbacks and directory, saving checkpoints
+    with :class:`AtomicCheckpointIO` unless ``trainer.plugins`` names plugins of its own."""
+    spec = plain(cfg.trainer)
+    extra: dict[str, Any] = {}
+    if not spec.get("plugins"):
+        extra["plugins"] = [AtomicCheckpointIO()]
     return _instantiate(
         "trainer",
-        plain(cfg.trainer),
+        spec,
         logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(paths.root),
+        **extra,
     )
 
 

@@ -6,6 +6,10 @@ compose API and checked (:func:`~cdi_experiments.run.schema.check_config`); a si
 existing run directory is also checked against its checkpoint
 (:func:`~cdi_experiments.run.resume.check_resume`). Any failure is one :class:`ConfigError`
 line, so a bad job ``n`` stops the sweep before job 0 trains.
+
+:func:`check_command_line` also resolves the output directory (the run's, or the sweep's for
+``-m``) and pins it on the command line when it holds an interpolation such as ``${now:...}``,
+so that the directory ``cdi-train`` locks before Hydra writes is the one Hydra uses.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import difflib
 import itertools
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -74,6 +79,25 @@ def sweep_jobs(overrides: Sequence[str], sweeper_params: Mapping[str, str] | Non
     return [list(job) for job in itertools.product(*axes)]
 
 
+@dataclass(frozen=True)
+class CommandLine:
+    """A checked ``cdi-train`` command line.
+
+    Attributes:
+        jobs: The number of job configs checked (0: a command line left to Hydra).
+        multirun: Whether it is a sweep (``-m``).
+        output_dir: The run directory, or for a sweep the sweep directory, as resolved now
+            (``None`` when left to Hydra).
+        argv: The command line to run: ``argv`` with ``hydra.run.dir`` (``hydra.sweep.dir``)
+            pinned to ``output_dir`` where it held an interpolation.
+    """
+
+    jobs: int
+    multirun: bool
+    output_dir: Path | None
+    argv: list[str]
+
+
 def preflight(argv: Sequence[str]) -> int:
     """Check the command line ``argv`` (without the program name).
 
@@ -86,9 +110,19 @@ def preflight(argv: Sequence[str]) -> int:
     Raises:
         ConfigError: One line naming the key, the value and what is allowed.
     """
+    return check_command_line(argv).jobs
+
+
+def check_command_line(argv: Sequence[str]) -> CommandLine:
+    """:func:`preflight`, returning the resolved output directory and the pinned command line.
+
+    Raises:
+        ConfigError: One line naming the key, the value and what is allowed.
+    """
+    argv = list(argv)
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in _MULTIRUN for f in flags):
-        return 0
+        return CommandLine(0, False, None, argv)
     overrides = [a for a in argv if not a.startswith("-")]
     multirun = bool(flags)
     if not multirun:
@@ -97,6 +131,7 @@ def preflight(argv: Sequence[str]) -> int:
         try:
             base = [a for a in overrides if "," not in a and "(" not in a]
             cfg = _compose(base)
+            output_dir = Path(str(cfg.hydra.sweep.dir))
             sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)
             params = sweeper.get("params") or {}
             GlobalHydra.instance().clear()
@@ -109,8 +144,21 @@ def preflight(argv: Sequence[str]) -> int:
         task = task_config(cfg)
         check_config(task)
         if not multirun:  # a sweep job's directory is known only once Hydra runs it
-            check_resume(task, Path(str(cfg.hydra.run.dir)))
-    return len(jobs)
+            output_dir = Path(str(cfg.hydra.run.dir))
+            check_resume(task, output_dir)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    return CommandLine(len(jobs), multirun, output_dir, _pinned(argv, key, output_dir))
+
+
+def _pinned(argv: list[str], key: str, value: Path) -> list[str]:
+    """``argv`` with ``key=value`` where the directory it gives (or the default) holds an
+    interpolation that could resolve differently when Hydra composes again (``${now:...}``)."""
+    given = [a for a in argv if a.startswith(f"{key}=")]
+    if given and "${" not in given[-1]:
+        return argv
+    if "'" in str(value) or "\\" in str(value):
+        return argv  # left as it is: Hydra's quoting of these is not worth the risk
+    return [a for a in argv if not a.startswith(f"{key}=")] + [f"{key}='{value}'"]
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -187,4 +235,12 @@ def _plus(overrides: list[str], given: str) -> list[str]:
     return [f"+{o}" if o == given else o for o in overrides]
 
 
-__all__ = ["CONFIG_MODULE", "CONFIG_NAME", "compose_config", "preflight", "sweep_jobs"]
+__all__ = [
+    "CONFIG_MODULE",
+    "CONFIG_NAME",
+    "CommandLine",
+    "check_command_line",
+    "compose_config",
+    "preflight",
+    "sweep_jobs",
+]

@@ -1,7 +1,9 @@
 """Run summaries and ``cdi-report``: aggregate run directories into tables and figures.
 
-``cdi-report outputs/multirun/2026-11-23`` finds every finished run below the given folders
-(``run_info.json``), and writes, under ``--out``:
+``cdi-report outputs/multirun/2026-11-23`` finds every run below the given folders
+(``run_info.json`` or ``status.json``) and reports those whose ``status.json`` says
+``finished`` (written last by ``cdi-train``). It writes, under ``--out`` (default: ``report/``
+inside the first folder; never the current directory by accident):
 
 * ``runs.csv`` / ``runs.md``: one row per run: config choices, final train/val/test accuracy,
   awakened shares of all tracked weights at the last epoch, accuracy after matched pruning;
@@ -9,7 +11,10 @@
 * ``figures/prune_accuracy.png``: accuracy after pruning at the sleeping mask's sparsity, per
   criterion and run;
 * ``figures/runs/<run>_layers.png``: per layer, awakened share and mean ``|w - w0|`` per epoch;
-* ``figures/runs/<run>_prune.png``: accuracy against sparsity, one curve per criterion.
+* ``figures/runs/<run>_prune.png``: accuracy against sparsity, one curve per criterion;
+* ``unreadable_runs.csv`` (and a section of ``runs.md``): runs left out, each with the file
+  that is missing, corrupt or says the run did not finish. A reported run whose metrics,
+  layer or prune file is missing or corrupt has it named in the ``problems`` column.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 import re
 import textwrap
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +37,53 @@ from cdi_experiments.paths import (
     METRICS_CSV,
     PRUNE_CSV,
     RUN_INFO_JSON,
+    STATUS_JSON,
+    atomic_write,
     atomic_write_csv,
     atomic_write_text,
 )
+from cdi_experiments.run.lock import run_lock
+from cdi_experiments.run.status import read_status
 from cdi_experiments.tables import format_frame, markdown_frame
 
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("train/acc", "train/loss", "val/acc", "val/loss", "test/acc", "test/loss")
 DEFAULT_THRESHOLD = 1e-5
+REPORT_DIR = "report"  # cdi-report's default --out: <first root>/report
+UNREADABLE_CSV = "unreadable_runs.csv"
+
+
+class UnreadableFileError(ValueError):
+    """A run's file that is missing or cannot be parsed; names the file and what is wrong."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """``pd.read_csv(path)``, with every failure an :class:`UnreadableFileError` naming ``path``."""
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise UnreadableFileError(path, "missing") from None
+    except pd.errors.EmptyDataError:
+        raise UnreadableFileError(path, "empty") from None
+    except (ValueError, pd.errors.ParserError) as exc:  # also UnicodeDecodeError
+        reason = " ".join(str(exc).split())[:120]
+        raise UnreadableFileError(path, f"not a CSV table ({reason})") from None
+    except OSError as exc:
+        raise UnreadableFileError(path, f"unreadable ({exc.strerror})") from None
+
+
+def _try_csv(path: Path) -> pd.DataFrame | None:
+    """:func:`read_csv`, or ``None`` (the problem is reported in the runs table instead)."""
+    try:
+        return read_csv(path) if path.exists() else None
+    except UnreadableFileError:
+        return None
 
 
 def layer_table(history: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -54,6 +98,9 @@ def layer_table(history: Iterable[dict[str, Any]]) -> pd.DataFrame:
 def final_metrics(run_dir: Path, metrics: Mapping[str, float] | None = None) -> dict[str, float]:
     """Train/val/test loss and accuracy at the end of a run.
 
+    Raises:
+        UnreadableFileError: ``metrics.csv`` exists but cannot be parsed.
+
     ``metrics`` (e.g. ``trainer.callback_metrics``) wins where it has a key; the rest is the
     last logged value in the run's ``metrics.csv`` (``trainer.test`` clears the train and val
     entries of ``callback_metrics``, so without this the summary would show test figures only).
@@ -61,14 +108,17 @@ def final_metrics(run_dir: Path, metrics: Mapping[str, float] | None = None) -> 
     out = {k: float(v) for k, v in (metrics or {}).items() if k in SUMMARY_KEYS}
     path = Path(run_dir) / METRICS_CSV
     if path.exists():
-        df = pd.read_csv(path)
-        for key in SUMMARY_KEYS:
-            if key not in out and key in df:
-                values = df[key].dropna()
-                if len(values):
-                    out[key] = float(values.iloc[-1])
-        if "epoch" in df and "train/acc" in df and df["train/acc"].notna().any():
-            out["epochs"] = int(df.loc[df["train/acc"].notna(), "epoch"].max()) + 1
+        df = read_csv(path)
+        try:
+            for key in SUMMARY_KEYS:
+                if key not in out and key in df:
+                    values = df[key].dropna()
+                    if len(values):
+                        out[key] = float(values.iloc[-1])
+            if "epoch" in df and "train/acc" in df and df["train/acc"].notna().any():
+                out["epochs"] = int(df.loc[df["train/acc"].notna(), "epoch"].max()) + 1
+        except (TypeError, ValueError) as exc:  # text where numbers belong
+            raise UnreadableFileError(path, f"corrupt values ({exc})") from None
     return out
 
 
@@ -77,8 +127,12 @@ def summarize_run(
 ) -> str:
     """The console summary printed at the end of ``cdi-train``: final accuracies, the
     per-layer awakened shares of the last epoch, and the sleeping-pruning headline."""
-    fm = final_metrics(run_dir, metrics)
     lines = [f"\n== run summary: {run_dir} =="]
+    try:
+        fm = final_metrics(run_dir, metrics)
+    except UnreadableFileError as exc:  # the summary still shows what the trainer holds
+        fm = {k: float(v) for k, v in metrics.items() if k in SUMMARY_KEYS}
+        lines.append(f"({exc})")
     head = [f"epochs {fm['epochs']}"] if "epochs" in fm else []
     head += [f"{k} {fm[k]:.4f}" for k in SUMMARY_KEYS if k in fm]
     lines.append("  ".join(head))
@@ -107,14 +161,46 @@ def summarize_run(
 
 
 def find_runs(roots: Iterable[Path]) -> list[Path]:
-    """Every directory holding a ``run_info.json`` at or below ``roots`` (sorted, unique)."""
-    runs = []
+    """Every run directory (holding ``run_info.json`` or ``status.json``) at or below ``roots``
+    (sorted, unique)."""
+    runs: set[Path] = set()
     for root in roots:
         root = Path(root)
-        if (root / RUN_INFO_JSON).exists():
-            runs.append(root)
-        runs += sorted(p.parent for p in root.rglob(RUN_INFO_JSON) if p.parent != root)
-    return sorted(set(runs))
+        for marker in (RUN_INFO_JSON, STATUS_JSON):
+            runs.update(p.parent for p in root.rglob(marker))
+            if (root / marker).exists():
+                runs.add(root)
+    return sorted(runs)
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A run that is not in the report, and the file that says why."""
+
+    run: Path
+    file: Path
+    problem: str
+
+
+def not_finished(run: Path) -> LeftOut | None:
+    """Why ``run`` is not a finished run (``None`` if its ``status.json`` says finished)."""
+    path = Path(run) / STATUS_JSON
+    status = read_status(run)
+    if status is None:
+        if path.exists():
+            return LeftOut(run, path, "unreadable (not a status cdi-train wrote)")
+        return LeftOut(
+            run, path, "missing: the run did not finish (or predates status.json); rerun it"
+        )
+    if status["state"] != "finished":
+        reason = f": {status['reason']}" if status.get("reason") else ""
+        pid = (
+            f" (pid {status.get('pid')} on {status.get('host')})"
+            if status["state"] == "running"
+            else ""
+        )
+        return LeftOut(run, path, f"{status['state']}{pid}{reason}")
+    return None
 
 
 def _init_label(init: Mapping[str, Any]) -> str:
@@ -128,35 +214,70 @@ def _init_label(init: Mapping[str, Any]) -> str:
 
 
 def run_row(run: Path) -> dict[str, Any]:
-    """One row of ``runs.csv``: config choices and the run's final numbers, read from its files."""
-    info = json.loads((run / RUN_INFO_JSON).read_text())
-    cfg = info["config"]
-    row: dict[str, Any] = {
-        "run": str(run),
-        "data": cfg["data"]["name"],
-        "model": info.get("model_name") or cfg["model"]["name"],  # older runs: model.name
-        "init": _init_label(cfg["init"]),
-        "seed": cfg["seed"],
-        "epochs": cfg["trainer"]["max_epochs"],
-    }
-    fm = final_metrics(run, info.get("final_metrics") or {})
+    """One row of ``runs.csv``: config choices and the run's final numbers, read from its files.
+
+    A metrics, layer or prune file that is missing or corrupt is named in the row's
+    ``problems`` entry (the rest of the row is still filled).
+
+    Raises:
+        UnreadableFileError: ``run_info.json`` is missing, corrupt or not a run's.
+    """
+    path = run / RUN_INFO_JSON
+    try:
+        info = json.loads(path.read_text())
+        cfg = info["config"]
+        row: dict[str, Any] = {
+            "run": str(run),
+            "data": cfg["data"]["name"],
+            "model": info.get("model_name") or cfg["model"]["name"],  # older runs: model.name
+            "init": _init_label(cfg["init"]),
+            "seed": cfg["seed"],
+            "epochs": cfg["trainer"]["max_epochs"],
+        }
+    except FileNotFoundError:
+        raise UnreadableFileError(path, "missing") from None
+    except OSError as exc:
+        raise UnreadableFileError(path, f"unreadable ({exc.strerror})") from None
+    except ValueError as exc:
+        raise UnreadableFileError(path, f"not JSON ({exc})") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UnreadableFileError(path, f"not a run's info (no {exc})") from None
+    problems = []
+    try:
+        if not (run / METRICS_CSV).exists():
+            problems.append(f"{METRICS_CSV} missing")
+        fm = final_metrics(run, info.get("final_metrics") or {})
+    except UnreadableFileError as exc:
+        problems.append(f"{exc.path.name} {exc.problem}")
+        fm = {k: float(v) for k, v in (info.get("final_metrics") or {}).items()}
     for key in ("train/acc", "val/acc", "test/acc", "test/loss"):
         if key in fm:
             row[key] = fm[key]
     layers = run / LAYERS_CSV
-    if layers.exists():
-        ld = pd.read_csv(layers)
-        last = ld[(ld["epoch"] == ld["epoch"].max()) & (ld["name"] == "all")]
-        for c in last.columns:
-            if c.startswith("awake_pct@"):
-                row[c.replace("awake_pct", "awake_all")] = float(last[c].iloc[0])
+    try:
+        if layers.exists():
+            ld = read_csv(layers)
+            last = ld[(ld["epoch"] == ld["epoch"].max()) & (ld["name"] == "all")]
+            for c in last.columns:
+                if c.startswith("awake_pct@"):
+                    row[c.replace("awake_pct", "awake_all")] = float(last[c].iloc[0])
+    except UnreadableFileError as exc:
+        problems.append(f"{LAYERS_CSV} {exc.problem}")
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        problems.append(f"{LAYERS_CSV} corrupt ({type(exc).__name__}: {exc})")
     prune = run / PRUNE_CSV
-    if prune.exists():
-        pdf = pd.read_csv(prune)
-        for r in pdf.itertuples():
-            if str(r.target).startswith("matched"):
-                row[f"prune_{r.criterion}_acc_after"] = r.acc_after
-                row["prune_sparsity"] = r.sparsity
+    try:
+        if prune.exists():
+            pdf = read_csv(prune)
+            for r in pdf.itertuples():
+                if str(r.target).startswith("matched"):
+                    row[f"prune_{r.criterion}_acc_after"] = r.acc_after
+                    row["prune_sparsity"] = r.sparsity
+    except UnreadableFileError as exc:
+        problems.append(f"{PRUNE_CSV} {exc.problem}")
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        problems.append(f"{PRUNE_CSV} corrupt ({type(exc).__name__}: {exc})")
+    row["problems"] = "; ".join(problems)
     return row
 
 
@@ -170,17 +291,43 @@ def _labels(table: pd.DataFrame) -> list[str]:
     ]
 
 
-def collect(roots: Iterable[Path]) -> pd.DataFrame:
-    """``runs.csv``'s table for every run below ``roots`` (empty if there are none)."""
-    rows = []
+def collect_all(
+    roots: Iterable[Path], finished_only: bool = True
+) -> tuple[pd.DataFrame, list[LeftOut]]:
+    """``runs.csv``'s table for the runs below ``roots``, and the runs left out.
+
+    Args:
+        roots: Folders holding runs (at any depth).
+        finished_only: Report only runs whose ``status.json`` says ``finished``. (``cdi-train``
+            draws a run's own figures before it writes that, with ``False``.)
+
+    Returns:
+        The table (empty if no run could be read; a ``problems`` column only when some run has
+        a missing or corrupt file) and, for each run left out, the file that says why.
+    """
+    rows, left_out = [], []
     for run in find_runs(roots):
+        why = not_finished(run) if finished_only else None
+        if why is not None:
+            left_out.append(why)
+            continue
         try:
             rows.append(run_row(run))
-        except (KeyError, TypeError, ValueError) as exc:  # a truncated or foreign run_info.json
-            log.warning("skipping %s: unreadable %s (%s)", run, RUN_INFO_JSON, exc)
+        except UnreadableFileError as exc:
+            left_out.append(LeftOut(run, exc.path, exc.problem))
     table = pd.DataFrame(rows)
     if not table.empty:
         table.insert(1, "label", _labels(table))
+        if not table["problems"].astype(bool).any():
+            table = table.drop(columns=["problems"])
+    return table, left_out
+
+
+def collect(roots: Iterable[Path], finished_only: bool = True) -> pd.DataFrame:
+    """:func:`collect_all`'s table; each run left out is logged as a warning naming its file."""
+    table, left_out = collect_all(roots, finished_only)
+    for item in left_out:
+        log.warning("skipping %s: %s %s", item.run, item.file, item.problem)
     return table
 
 
@@ -212,6 +359,15 @@ def _style(k: int) -> dict[str, Any]:
     return {"marker": _MARKERS[k % len(_MARKERS)], "linestyle": _DASHES[k % len(_DASHES)]}
 
 
+def _save(plt, fig, path: Path, dpi: int) -> None:
+    """Write ``fig`` as a PNG atomically (a full disk leaves no half-written figure) and close
+    it. Raises :class:`~cdi_experiments.paths.DiskFullError` when the disk is full."""
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
+
+
 def _awake_all_figure(
     plt, runs: list[Path], labels: list[str], threshold: float, path: Path
 ) -> bool:
@@ -219,10 +375,9 @@ def _awake_all_figure(
     drawn = 0
     shown: set[str] = set()
     for run, label in zip(runs, labels, strict=True):
-        lp = run / LAYERS_CSV
-        if not lp.exists():
+        ld = _try_csv(run / LAYERS_CSV)
+        if ld is None or "name" not in ld or "epoch" not in ld:
             continue
-        ld = pd.read_csv(lp)
         col = _threshold_column(ld.columns, threshold)
         if col is None:
             continue
@@ -243,18 +398,16 @@ def _awake_all_figure(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="run")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)
     return True
 
 
 def _layers_figure(plt, run: Path, label: str, threshold: float, path: Path) -> bool:
     """Three panels per run: awakened share per layer at ``threshold``; the whole network's
     awakened share at every tracked threshold; mean ``|w - w0|`` per layer (log scale)."""
-    lp = run / LAYERS_CSV
-    if not lp.exists():
+    ld = _try_csv(run / LAYERS_CSV)
+    if ld is None or not {"name", "epoch", "mean_delta"} <= set(ld.columns):
         return False
-    ld = pd.read_csv(lp)
     col = _threshold_column(ld.columns, threshold)
     if col is None:
         return False
@@ -301,19 +454,15 @@ def _layers_figure(plt, run: Path, label: str, threshold: float, path: Path) -> 
     mid.legend(fontsize=7, loc="best", title="threshold")
     fig.suptitle(f"{label}: which weights moved from their initial values")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
     return True
 
 
 def _prune_curve_figure(plt, run: Path, label: str, path: Path) -> bool:
     """Accuracy after pruning against sparsity, one curve per criterion (target-sparsity rows
     plus the matched point); the sleeping mask as a star."""
-    pp = run / PRUNE_CSV
-    if not pp.exists():
-        return False
-    df = pd.read_csv(pp)
-    if df.empty:
+    df = _try_csv(run / PRUNE_CSV)
+    if df is None or df.empty or not {"criterion", "sparsity", "acc_after"} <= set(df.columns):
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     before = float(df["acc_before"].iloc[0])
@@ -343,8 +492,7 @@ def _prune_curve_figure(plt, run: Path, label: str, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)
     return True
 
 
@@ -372,8 +520,7 @@ def _prune_bars_figure(plt, table: pd.DataFrame, path: Path) -> bool:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="criterion")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)
     return True
 
 
@@ -413,10 +560,14 @@ def make_figures(
 
 
 def run_figures(run_dir: Path, threshold: float = DEFAULT_THRESHOLD) -> list[Path]:
-    """The figures of one finished run, into ``<run_dir>/figures`` (called by ``cdi-train``)."""
-    table = collect([Path(run_dir)])
-    if table.empty:
-        return []
+    """The figures of one run, into ``<run_dir>/figures`` (called by ``cdi-train`` before it
+    marks the run finished)."""
+    table, _ = collect_all([Path(run_dir)], finished_only=False)
+    if table.empty:  # no run_info.json (yet): label the run by its directory
+        table = pd.DataFrame([{"run": str(run_dir), "label": Path(run_dir).name}])
+        metrics = _try_csv(Path(run_dir) / METRICS_CSV)
+        if metrics is not None and "test/acc" in metrics and metrics["test/acc"].notna().any():
+            table["test/acc"] = float(metrics["test/acc"].dropna().iloc[-1])
     return make_figures(table, Path(run_dir) / FIGURE_DIR, threshold)
 
 
@@ -427,27 +578,56 @@ class ReportError(ValueError):
     """Bad input to :func:`write_report`: a missing folder, a file as ``out``, no runs."""
 
 
+@dataclass
+class Report:
+    """What :func:`write_report` wrote, and the runs it left out."""
+
+    out: Path
+    table: pd.DataFrame
+    figures: list[Path] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+
+
+def left_out_frame(left_out: list[LeftOut]) -> pd.DataFrame:
+    """The runs left out as a table: ``run``, ``file``, ``problem``."""
+    return pd.DataFrame(
+        [{"run": str(x.run), "file": str(x.file), "problem": x.problem} for x in left_out],
+        columns=["run", "file", "problem"],
+    )
+
+
+def default_out(roots: Iterable[Path]) -> Path:
+    """``cdi-report``'s output folder when ``--out`` is not given: ``<first root>/report``
+    (beside its inputs; never the current directory unless that is the first root)."""
+    return Path(next(iter(roots))) / REPORT_DIR
+
+
 def write_report(
-    roots: Iterable[Path], out: Path, threshold: float = DEFAULT_THRESHOLD
-) -> tuple[pd.DataFrame, list[Path]]:
+    roots: Iterable[Path], out: Path | None = None, threshold: float = DEFAULT_THRESHOLD
+) -> Report:
     """``cdi-report``'s work: collect the runs below ``roots``, write tables and figures.
 
     Everything is checked before anything is written: on an error ``out`` is not created.
+    ``out`` is locked while it is written (a second ``cdi-report`` on it gets one line naming
+    the first one's PID). Runs that did not finish, or whose ``run_info.json`` is unreadable,
+    are left out and listed (``unreadable_runs.csv`` and a section of ``runs.md``).
 
     Args:
         roots: folders holding runs (at any depth).
-        out: where ``runs.csv``, ``runs.md`` and ``figures/`` go.
+        out: where ``runs.csv``, ``runs.md`` and ``figures/`` go; ``None``:
+            :func:`default_out`.
         threshold: awakened-share threshold for the figures (the nearest tracked one is used).
 
     Returns:
-        The runs table (:func:`collect`) and the figures written.
+        The :class:`Report`.
 
     Raises:
         ReportError: ``threshold`` not a number > 0, a root that is not a directory, ``out``
-            an existing file, or no finished run below ``roots``.
+            an existing file, or no finished, readable run below ``roots``.
+        RunLockedError: another process is writing ``out``.
+        DiskFullError: the disk filled up while writing (nothing half-written is left).
     """
     roots = [Path(r) for r in roots]
-    out = Path(out)
     if not (math.isfinite(threshold) and threshold > 0):
         raise ReportError(f"--threshold {threshold} must be a number > 0, e.g. 1e-5")
     for r in roots:
@@ -455,12 +635,30 @@ def write_report(
             raise ReportError(
                 f"{r} is not a directory; pass folders holding runs (e.g. outputs/multirun/...)"
             )
+    out = Path(out) if out is not None else default_out(roots)
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; pass a directory")
-    table = collect(roots)
+    table, left_out = collect_all(roots)
+    where = ", ".join(map(str, roots))
     if table.empty:
-        raise ReportError(f"no finished runs (run_info.json) under {', '.join(map(str, roots))}")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(out / "runs.csv", table)
-    atomic_write_text(out / "runs.md", markdown_frame(table.drop(columns=["run"])) + "\n")
-    return table, make_figures(table, out / FIGURE_DIR, threshold)
+        if left_out:
+            first = left_out[0]
+            raise ReportError(
+                f"no finished, readable runs under {where}: {len(left_out)} left out, e.g. "
+                f"{first.run} ({first.file}: {first.problem})"
+            )
+        raise ReportError(f"no runs (run_info.json or status.json) under {where}")
+    with run_lock(out, "cdi-report"):
+        atomic_write_csv(out / "runs.csv", table)
+        markdown = markdown_frame(table.drop(columns=["run"])) + "\n"
+        unreadable = out / UNREADABLE_CSV
+        if left_out:
+            frame = left_out_frame(left_out)
+            atomic_write_csv(unreadable, frame)
+            markdown += "\n## Runs left out (unfinished or unreadable)\n\n"
+            markdown += markdown_frame(frame) + "\n"
+        else:
+            unreadable.unlink(missing_ok=True)  # from an earlier report of these folders
+        atomic_write_text(out / "runs.md", markdown)
+        figures = make_figures(table, out / FIGURE_DIR, threshold)
+    return Report(out, table, figures, left_out)

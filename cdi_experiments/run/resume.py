@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from cdi_experiments.paths import RunPaths
+from cdi_experiments.run.checkpoint import load_checkpoint
 from cdi_experiments.run.schema import ConfigError
 
 # The init callback's identity fields -> the config keys that set them (configs/callbacks).
@@ -76,6 +76,8 @@ def check_resume(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] 
         loaded checkpoint.
 
     Raises:
+        CheckpointError: The checkpoint is truncated, unsafe (a pickle that would run code) or
+            not a ``cdi-train`` checkpoint (:func:`~cdi_experiments.run.checkpoint.load_checkpoint`).
         ConfigError: The checkpoint's initial weights came from another seed or init config,
             or it holds another model, optimizer, scheduler or data stream (the message names
             each difference).
@@ -87,7 +89,10 @@ def check_resume(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] 
     from cdi_experiments.lightning.callback import InitIdentityError
     from cdi_experiments.run import build
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(
+        path,
+        fix="move it away or delete it to start this run over, or pass a new hydra.run.dir",
+    )
     # The callback's own check of the identity fields (the fingerprint needs the model, so the
     # callback compares it again when Lightning restores it).
     try:

@@ -428,6 +428,7 @@ def check_config(cfg: DictConfig) -> None:
     run_dir = c.get("run_dir")
     if run_dir is not None and not str(run_dir):
         _fail("run_dir", run_dir, "use a directory path or null (null: Hydra's run directory)")
+    _check_run_name(c.get("run_name"))
 
     i = c["init"]
     _scheme("init.scheme", i["scheme"])
@@ -484,6 +485,19 @@ def check_config(cfg: DictConfig) -> None:
                 _fail(f"{group}.{name}", spec, "use {_target_: module.Class, ...}")
             sig = check_arguments(f"{group}.{name}", spec, example="module.Class")
             _check_package(f"{group}.{name}", sig.target)
+
+
+def _check_run_name(name: Any) -> None:
+    """``run_name`` is one folder name inside the output root (``hydra.run.dir`` ends with it):
+    a ``/``, ``\\`` or ``..`` would put the run's files elsewhere (``../../etc``, ``/tmp/x``)."""
+    text = str(name) if name is not None else ""
+    if not text.strip() or text in (".", "..") or any(c in text for c in "/\\\0"):
+        _fail(
+            "run_name",
+            name,
+            "a run name is one folder name inside the output root, without '/', '\\' or "
+            "'..' (e.g. run_name=mlp-mnist-he-s0); to write elsewhere set hydra.run.dir",
+        )
 
 
 # Lightning loggers whose backend is an optional package: (module to import, pip install name).
