@@ -124,6 +124,21 @@ def _is_full(exc: OSError) -> bool:
     return not isinstance(exc, DiskFullError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ``.<name>.<random>.tmp`` beside the target
+
+
+def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left under ``root``.
+
+    Call it only while holding the directory's lock (:mod:`cdi_experiments.run.lock`): then no
+    other writer can be mid-write. Returns the files removed.
+    """
+    stale = [p for p in Path(root).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
@@ -138,7 +153,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as exc:
         if _is_full(exc):
             raise DiskFullError(path, mount_point(path.parent)) from None

@@ -213,3 +213,18 @@ def test_in_memory_torch_save_loads_back(tmp_path):
     paths.atomic_torch_save(tmp_path / "m.pt", {"w": torch.arange(3)})
     loaded = torch.load(io.BytesIO((tmp_path / "m.pt").read_bytes()), weights_only=True)
     assert torch.equal(loaded["w"], torch.arange(3))
+
+
+def test_stale_temp_files_are_removed_and_results_kept(tmp_path):
+    """A kill inside atomic_write leaves ``.<name>.<random>.tmp``; the next holder of the run's
+    lock removes exactly those, and never a finished result."""
+    (tmp_path / "figures").mkdir()
+    stale = tmp_path / "figures" / ".prune_accuracy.png.k3j2.tmp"
+    stale.write_bytes(b"half a png")
+    kept = [tmp_path / "metrics.csv", tmp_path / ".hydra.tmpdir", tmp_path / "figures" / "a.png"]
+    for p in kept:
+        p.write_text("x")
+    paths.atomic_write_text(tmp_path / "run_info.json", "{}")
+    assert paths.remove_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and all(p.exists() for p in kept)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(paths.TEMP_SUFFIX)) == []

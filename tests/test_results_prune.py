@@ -224,14 +224,20 @@ def test_the_checkpoints_own_config_is_used(run, tmp_path, capsys):
     assert table["acc_before"].iloc[0] == pytest.approx(run.test_acc, abs=1e-6)
 
 
+def write_neighbour_config(run_dir: Path, config: dict) -> Path:
+    """``<run_dir>/.hydra/config.yaml`` holding ``config``, as Hydra writes it."""
+    path = run_dir / ".hydra" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def test_a_checkpoint_copied_into_another_run_is_refused(run, tmp_path, capsys):
     ckpt = copy_run(run, tmp_path / "r")
     other = json.loads(json.dumps(run.config))
     other["data"]["name"] = "fashion_mnist"
     other["seed"] = 3
-    hydra_cfg = tmp_path / "r" / ".hydra" / "config.yaml"
-    hydra_cfg.parent.mkdir()
-    hydra_cfg.write_text(yaml.safe_dump(other))
+    hydra_cfg = write_neighbour_config(tmp_path / "r", other)
     bad = prune(capsys, ckpt)
     assert bad.code == 2
     assert bad.err == (
@@ -244,9 +250,7 @@ def test_a_checkpoint_copied_into_another_run_is_refused(run, tmp_path, capsys):
 
 def test_an_older_checkpoint_falls_back_to_its_neighbour_with_a_warning(run, tmp_path):
     ckpt = copy_run(run, tmp_path / "r", drop_config=True)
-    hydra_cfg = tmp_path / "r" / ".hydra" / "config.yaml"
-    hydra_cfg.parent.mkdir()
-    hydra_cfg.write_text(yaml.safe_dump(run.config))
+    hydra_cfg = write_neighbour_config(tmp_path / "r", run.config)
     result = subprocess.run(
         [str(Path(sys.executable).parent / "cdi-prune"), str(ckpt), "--sparsities", "0.5"],
         capture_output=True,
@@ -269,9 +273,7 @@ def test_an_older_checkpoint_is_still_checked_against_its_neighbour(run, tmp_pat
     other = json.loads(json.dumps(run.config))
     other["data"]["name"] = "fashion_mnist"
     other["model"] = {"_target_": "cdi_experiments.models.CNN", "channels": [8, 16]}
-    hydra_cfg = tmp_path / "r" / ".hydra" / "config.yaml"
-    hydra_cfg.parent.mkdir()
-    hydra_cfg.write_text(yaml.safe_dump(other))
+    hydra_cfg = write_neighbour_config(tmp_path / "r", other)
     bad = prune(capsys, ckpt)
     assert bad.code == 2
     assert bad.err == (

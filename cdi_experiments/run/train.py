@@ -49,7 +49,7 @@ import cdi_experiments
 from cdi_experiments.generator import bits as B
 from cdi_experiments.lightning.callback import InitIdentityError
 from cdi_experiments.lightning.classifier import NonFiniteLossError
-from cdi_experiments.paths import RunPaths, atomic_write_text
+from cdi_experiments.paths import RunPaths, atomic_write_text, remove_stale_temps
 from cdi_experiments.run import build
 from cdi_experiments.run.ddp import ddp_ranks_per_job
 from cdi_experiments.run.lock import run_lock
@@ -166,6 +166,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             return skipped, {"paths": paths, "skipped": True}
     ckpt = check_resume(cfg, paths.root)  # before anything is written to the run directory
     with run_lock(paths.root, "cdi-train"):
+        for stale in remove_stale_temps(paths.root):  # a killed run's half-written file
+            log.info("removed %s, left by an interrupted write", stale)
         return _train_locked(cfg, paths, ckpt, fingerprint)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -72,16 +73,16 @@ def _umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """``tmpfs("64m")``: a fresh tmpfs under ``tmp_path``, unmounted afterwards; skips the
-    test where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+@contextlib.contextmanager
+def _tmpfs_mounts(tmp_path: Path, fallback: Callable[[], None]) -> Iterator[Callable]:
+    """``mount(size)``: a fresh tmpfs under ``tmp_path`` (unmounted on exit), or what
+    ``fallback()`` returns where mounting is not allowed or ``CDI_FAULTS_NO_TMPFS`` is set."""
     mounted: list[Path] = []
 
-    def mount(size: str) -> Path:
+    def mount(size: str) -> Path | None:
         path = tmp_path / f"tmpfs{len(mounted)}"
-        if not _mount(path, size):
-            pytest.skip("cannot mount a tmpfs here (needs root); the ENOSPC fallback covers it")
+        if os.environ.get("CDI_FAULTS_NO_TMPFS") or not _mount(path, size):
+            return fallback()
         mounted.append(path)
         return path
 
@@ -90,26 +91,26 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     finally:
         for path in reversed(mounted):
             _umount(path)
+
+
+def _skip_without_tmpfs() -> None:
+    pytest.skip("cannot mount a tmpfs here (needs root); the ENOSPC fallback covers it")
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``tmpfs("64m")``: a fresh tmpfs under ``tmp_path``, unmounted afterwards; skips the
+    test where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+    with _tmpfs_mounts(tmp_path, _skip_without_tmpfs) as mount:
+        yield mount
 
 
 @pytest.fixture
 def tmpfs_or_none(tmp_path: Path) -> Iterator[Callable[[str], Path | None]]:
     """As :func:`tmpfs`, but ``None`` where mounting is not allowed (the caller falls back to
     a stand-in) instead of skipping."""
-    mounted: list[Path] = []
-
-    def mount(size: str) -> Path | None:
-        path = tmp_path / f"tmpfs{len(mounted)}"
-        if os.environ.get("CDI_FAULTS_NO_TMPFS") or not _mount(path, size):
-            return None
-        mounted.append(path)
-        return path
-
-    try:
+    with _tmpfs_mounts(tmp_path, lambda: None) as mount:
         yield mount
-    finally:
-        for path in reversed(mounted):
-            _umount(path)
 
 
 def remount(path: Path, options: str) -> None:
