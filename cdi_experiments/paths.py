@@ -178,14 +178,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: object) -> None:
-    """:func:`atomic_write` of ``torch.save(obj)``."""
+    """:func:`atomic_write` of ``torch.save(obj)``, durable: the file is fsynced before the
+    rename and the directory after it, so the rename itself survives a power loss
+    (checkpoints, exported models)."""
     import torch
 
     # Serialized in memory first: torch's own file writer reports a full disk as a bare
     # RuntimeError ("file write failed"), Python's as OSError(ENOSPC), which we can name.
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+    fd = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:

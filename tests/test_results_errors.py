@@ -174,15 +174,12 @@ def test_full_disk_is_one_line_naming_file_and_filesystem(tmp_path):
 
 def test_full_disk_for_csv_and_torch_writers(tmp_path, monkeypatch):
     """The CSV and torch writers (torch's own file writer would say a bare RuntimeError)."""
-    real_write_bytes = Path.write_bytes
-
-    def full_write_bytes(self, data):
-        real_write_bytes(self, data[:10])
-        _disk_full()
-
-    monkeypatch.setattr(Path, "write_bytes", full_write_bytes)
+    # the torch writer syncs its temporary file before the rename: a full disk (or quota)
+    # surfaces there at the latest, with the bytes written so far on disk
+    monkeypatch.setattr(paths.os, "fsync", _disk_full)
     with pytest.raises(paths.DiskFullError, match=r"cannot write .*pruned_sleeping\.pt: no space"):
         paths.atomic_torch_save(tmp_path / "pruned_sleeping.pt", {"w": torch.zeros(3)})
+    monkeypatch.undo()
     real_write_text = Path.write_text
 
     def full_write_text(self, text, *args, **kwargs):

@@ -16,36 +16,11 @@ Loading is Lightning's, ``weights_only`` as the caller asks. Paths with a URL sc
 
 from __future__ import annotations
 
-import io
-import os
-from pathlib import Path
 from typing import Any
 
-import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from cdi_experiments.paths import atomic_write
-
-
-def save_atomically(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save(checkpoint)`` to ``path``: temporary file in the same directory, fsync,
-    rename, fsync of the directory."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)  # in memory first: a full disk is then a plain OSError
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power loss
-    finally:
-        os.close(fd)
+from cdi_experiments.paths import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -58,7 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        save_atomically(checkpoint, path)
+        atomic_torch_save(path, checkpoint)
 
 
-__all__ = ["AtomicCheckpointIO", "save_atomically"]
+__all__ = ["AtomicCheckpointIO"]
