@@ -122,6 +122,11 @@ BAD = {
     "-m seed=0,-5": "seed=-5 is not allowed; use an integer with 0 <= seed < 2**64",
     "-m init=zeros,hee": "init='hee' is not a config option; choose one of: " + INIT_OPTIONS,
     "-m data.batch_size=64,0": "data.batch_size=0 is not allowed; use an integer >= 1",
+    # A sweep job's directory is named after its overrides: no '..' can lead out of the sweep.
+    "-m seed=0,1 data.root=../../../../tmp/x": (
+        "data.root=../../../../tmp/x: a sweep job's directory is named after its overrides, "
+        "and this '..' would put the job's files outside the sweep directory"
+    ),
 }
 
 

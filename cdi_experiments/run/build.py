@@ -142,14 +142,20 @@ def build_loggers(
     callback: DeterministicInitCallback,
     resumed: dict[str, Any],
     resume_epoch: int | None = None,
+    epoch_end_row: dict[str, Any] | None = None,
 ) -> list[Logger]:
     """``cfg.logger``'s loggers. ``resumed``: the init callback's checkpoint state (``{}`` for a
-    fresh run); ``resume_epoch``: the checkpoint's epoch, whose rows the metrics CSV keeps."""
+    fresh run); ``resume_epoch``: the checkpoint's epoch, whose rows the metrics CSV keeps;
+    ``epoch_end_row``: the row that epoch's end had not logged yet when it was saved."""
     loggers: list[Logger] = []
     for name, spec in (plain(cfg.get("logger")) or {}).items():
         if spec is None:
             continue
-        run_args: dict[str, Any] = {"save_dir": str(paths.root), "keep_epochs_upto": resume_epoch}
+        run_args: dict[str, Any] = {
+            "save_dir": str(paths.root),
+            "keep_epochs_upto": resume_epoch,
+            "epoch_end_row": epoch_end_row,
+        }
         cls = get_class(spec["_target_"])
         if issubclass(cls, MLFlowLogger):
             run_args["save_dir"] = str(paths.root / "mlruns")

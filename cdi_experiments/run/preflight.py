@@ -141,6 +141,8 @@ def check_command_line(argv: Sequence[str]) -> CommandLine:
             raise ConfigError(one_line(exc)) from None
     for job in jobs[:MAX_JOBS]:
         cfg = _compose(job)
+        if multirun:
+            _check_job_dirname(job, cfg)
         task = task_config(cfg)
         check_config(task)
         if not multirun:  # a sweep job's directory is known only once Hydra runs it
@@ -148,6 +150,23 @@ def check_command_line(argv: Sequence[str]) -> CommandLine:
             check_resume(task, output_dir)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     return CommandLine(len(jobs), multirun, output_dir, _pinned(argv, key, output_dir))
+
+
+def _check_job_dirname(job: list[str], cfg: DictConfig) -> None:
+    """A sweep job's directory is named after its overrides (``hydra.job.override_dirname``):
+    a ``..`` path segment in one would put the job's files outside the sweep directory."""
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys or ())
+    for override in job:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in excluded or key.startswith("hydra."):
+            continue
+        if ".." in re.split(r"[/\\]", override):
+            raise ConfigError(
+                f"{override}: a sweep job's directory is named after its overrides, and this "
+                "'..' would put the job's files outside the sweep directory; drop the '..' "
+                "(give the path without it) or add the key to "
+                "hydra.job.config.override_dirname.exclude_keys"
+            )
 
 
 def _pinned(argv: list[str], key: str, value: Path) -> list[str]:

@@ -49,6 +49,7 @@ import cdi_experiments
 from cdi_experiments.generator import bits as B
 from cdi_experiments.lightning.callback import InitIdentityError
 from cdi_experiments.lightning.classifier import NonFiniteLossError
+from cdi_experiments.lightning.csv_logger import pending_row
 from cdi_experiments.paths import RunPaths, atomic_write_text, remove_stale_temps
 from cdi_experiments.run import build
 from cdi_experiments.run.ddp import ddp_ranks_per_job
@@ -232,6 +233,7 @@ def _train_locked(
                 callback,
                 callback_state(ckpt) if ckpt else {},
                 resume_epoch=epochs_done(ckpt) - 1 if ckpt else None,
+                epoch_end_row=pending_row(ckpt),
             )
             del ckpt
             trainer = build.build_trainer(cfg, paths, loggers, callbacks)

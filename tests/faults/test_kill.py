@@ -12,16 +12,7 @@ from faults.common import differences, short, status_of, tail, train
 
 pytestmark = pytest.mark.faults
 
-AFTER_CHECKPOINT = pytest.param(
-    "after_checkpoint",
-    marks=pytest.mark.xfail(
-        strict=True,
-        reason="known defect (issue 7, open): Lightning saves the epoch-end checkpoint before "
-        "that epoch's train/tracking row reaches the CSV logger, so a kill in between loses the "
-        "row for good; the code before issue 7 loses it too",
-    ),
-)
-MOMENTS = ["mid_epoch", AFTER_CHECKPOINT, "test", "prune", "figures"]
+MOMENTS = ["mid_epoch", "after_checkpoint", "test", "prune", "figures"]
 
 
 @pytest.mark.parametrize("moment", MOMENTS)
