@@ -96,11 +96,11 @@ def test_callbacks_and_loggers_build(tmp_path) -> None:
     cfg = task_config(compose_cfg(["init=orthogonal", "tracking.every_n_epochs=2"]))
     callbacks = build.build_callbacks(cfg, RunPaths(tmp_path))
     names = [type(c).__name__ for c in callbacks]
-    assert names == ["DeterministicInitCallback", "RngState", "ModelCheckpoint"]
+    assert names == ["DeterministicInitCallback", "RngState", "EpochEndRow", "ModelCheckpoint"]
     init = build.init_callback(callbacks)
     assert isinstance(init, DeterministicInitCallback)
     assert (init.scheme, init.params, init.every_n_epochs) == ("orthogonal", {"gain": 1.0}, 2)
-    assert callbacks[2].dirpath == str(tmp_path / "checkpoints")
+    assert callbacks[3].dirpath == str(tmp_path / "checkpoints")
     cfg = task_config(compose_cfg(["logger=many"]))
     loggers = build.build_loggers(cfg, RunPaths(tmp_path), init, {})
     assert [type(lg).__name__ for lg in loggers] == [
