@@ -95,7 +95,7 @@ def test_runs_table_has_one_row_per_run_equal_to_the_runs_files(runs, report_out
 @pytest.mark.integration
 def test_runs_markdown_lists_every_run(report_out):
     md = (report_out.dir / "runs.md").read_text().splitlines()
-    assert md[0].startswith("| label | data | model | init | seed |")
+    assert md[0].startswith("| label | data | model | optimizer | init | seed | epochs |")
     assert set(md[1].replace("|", "").split()) == {"---"}
     assert len(md) == 2 + 2
     assert any("| zeros |" in line for line in md[2:]) and any("| he |" in line for line in md[2:])
@@ -109,26 +109,76 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.integration
-def test_figures_are_valid_pngs(report_out):
+def test_figures_are_valid_pngs_and_pdfs(report_out):
     figures = report_out.dir / "figures"
-    names = sorted(str(p.relative_to(figures)) for p in figures.rglob("*.png"))
-    assert names == [
-        "awake_per_epoch.png",
-        "prune_accuracy.png",
-        "runs/mlp_mnist_he_s0_layers.png",
-        "runs/mlp_mnist_he_s0_prune.png",
-        "runs/mlp_mnist_zeros_s0_layers.png",
-        "runs/mlp_mnist_zeros_s0_prune.png",
+    names = sorted(str(p.relative_to(figures)) for p in figures.rglob("*.*"))
+    stems = [
+        "histograms/mnist_he",
+        "histograms/mnist_zeros",
+        "learning_curves",
+        "mean_delta",
+        "prune_accuracy",
+        "sleeping_share",
     ]
-    for name in names:
-        path = figures / name
-        assert path.stat().st_size > 1024, name
-        width, height = png_size(path)
-        assert width >= 600 and height >= 400, (name, width, height)
+    assert names == sorted(f"{s}.{ext}" for s in stems for ext in ("pdf", "png"))
+    for stem in stems:
+        width, height = png_size(figures / f"{stem}.png")
+        assert width >= 600 and height >= 400, (stem, width, height)
+        assert (figures / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
     import matplotlib.image as mpimg
 
-    pixels = mpimg.imread(figures / "runs" / "mlp_mnist_he_s0_prune.png")
+    pixels = mpimg.imread(figures / "prune_accuracy.png")
     assert pixels.std() > 0.05  # something was drawn
+
+
+@pytest.mark.integration
+def test_figures_of_real_runs_show_every_tensor_and_scheme(runs):
+    from cdi_experiments.run import figures
+
+    frames = report.load_runs([runs.root])
+    tensors = set(pd.read_csv(runs.by_init["he"].dir / "layer_changes.csv")["name"])
+    fig = figures.sleeping_share(frames.layers, panel="init")
+    assert [ax.get_title() for ax in fig.axes] == ["init=he", "init=zeros"]
+    for ax in fig.axes:
+        assert ax.get_yscale() == "log"
+        assert {t.get_text() for t in ax.get_xticklabels()} == {"init", "0", "1"}
+    he, zeros = fig.axes
+    # He: every tensor moved a little, some entries stayed: every tensor has a line
+    assert len(he.get_lines()) == len(tensors)
+    # zeros: the whole network and every tensor but the last bias stay asleep (100 %)
+    whole = next(ln for ln in zeros.get_lines() if ln.get_color() == "black")
+    assert whole.get_ydata()[-1] == pytest.approx(100 - 100 * 10 / 109386, rel=1e-9)
+    assert "not drawn: fc3.bias" in zeros.get_xlabel()  # it all moved: 0 % asleep
+    fig = figures.learning_curves(frames.epochs)
+    [ax] = fig.axes
+    val = [ln for ln in ax.get_lines() if ln.get_marker() == "."]  # a line per scheme
+    assert len(val) == 2
+    for line in val:  # the validation accuracy per epoch of one of the runs
+        wanted = [
+            [last_value(m[m["epoch"] == e], "val/acc") for e in (0, 1)]
+            for m in (pd.read_csv(r.dir / "metrics.csv") for r in runs.by_init.values())
+        ]
+        assert any(list(line.get_ydata()) == pytest.approx(w) for w in wanted)
+    assert len(ax.containers) == 2  # the test accuracy, measured once, per scheme
+    fig = figures.prune_accuracy(frames.prune, panel="init")
+    assert [ax.get_title() for ax in fig.axes] == ["one-shot\ninit=he", "one-shot\ninit=zeros"]
+    assert all(ax.get_xscale() == "log" for ax in fig.axes)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+@pytest.mark.integration
+def test_each_run_draws_its_own_figures(runs):
+    for run in runs.by_init.values():
+        names = sorted(p.name for p in (run.dir / "figures").glob("*.png"))
+        assert names == [
+            "awake_per_epoch.png",
+            "delta_histograms.png",
+            "learning_curves.png",
+            "mean_delta_layers.png",
+            "prune_accuracy.png",
+        ]
 
 
 @pytest.mark.integration
@@ -211,3 +261,26 @@ def test_console_table_refuses_ragged_rows():
         tables.format_rows(["a", "b"], [["1", "2"], ["3"]])
     with pytest.raises(ValueError, match=r"align 'lx' must hold one 'l' or 'r' per column"):
         tables.format_rows(["a", "b"], [], "lx")
+
+
+@pytest.mark.integration
+def test_a_tensorboard_only_run_has_its_metrics_and_weight_histograms(tmp_path):
+    """No metrics.csv: train/val/test accuracy come from TensorBoard's event files, the weight
+    histograms from the TensorBoard logger's ``weights/`` histograms."""
+    cfg = quick_cfg(tmp_path / "tb", "logger=tensorboard", "trainer.max_epochs=2", "data.limit=300")
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics, _ = train_mod.train(cfg)
+    run = Path(cfg.run_dir)
+    assert not (run / "metrics.csv").exists()
+    frames = report.load_runs([tmp_path])
+    assert "problems" not in frames.runs.columns
+    ep = frames.epochs.set_index("epoch")
+    assert list(ep.index) == [0, 1] and ep["val/acc"].notna().all()
+    assert ep.loc[1, "test/acc"] == pytest.approx(metrics["test/acc"], rel=1e-6)
+    row = frames.runs.iloc[0]
+    assert row["val/acc"] == ep.loc[1, "val/acc"] and row["epochs"] == 2
+    weights = frames.histograms[frames.histograms["kind"] == "weight"]
+    numel = pd.read_csv(run / "layer_changes.csv").set_index(["epoch", "name"])["numel"]
+    for (epoch, param), g in weights.groupby(["epoch", "param"]):
+        assert g["count"].sum() == numel[(epoch, param)], (epoch, param)
+    assert sorted(weights["epoch"].unique()) == [-1, 0, 1]

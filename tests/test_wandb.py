@@ -71,6 +71,11 @@ def run_files(wandb_dir: Path) -> list[Path]:
     return sorted(wandb_dir.glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
 
 
+def _step_of(path: Path) -> int:
+    """The step in a W&B media file name: ``<key>_<step>_<hash>.table.json``."""
+    return int(path.name.split(".")[0].rsplit("_", 2)[-2])
+
+
 def histogram(row: pd.Series, key: str) -> dict[str, Any]:
     """The histogram logged under ``key`` in one history row (leet flattens it)."""
     return {part: row[f"{key}.{part}"] for part in ("_type", "bins", "values")}
@@ -137,9 +142,21 @@ def test_training_logs_offline_and_resumes_the_same_run(tmp_path: Path) -> None:
             "cdi-experiments",
             "grp",
         )
-        assert r.state["tags"] == ["cdi", "test"] and r.state["exit_code"] == 0
+        assert r.run["job_type"] == "train" and r.state["exit_code"] == 0
+        # the given tags, then the config's
+        tags = ["cdi", "test", "model:mlp", "data:mnist", "init:he", "optimizer:adam"]
+        assert r.state["tags"] == tags
         assert r.state["name"] == "mlp-mnist-he-s0"
         assert r.state["config"]["init"]["scheme"] == "he" and r.state["config"]["seed"] == 0
+        # Per-layer scalars are logged but hidden from the automatic charts; totals are not.
+        hidden = {
+            m["metric"].get("name")
+            for m in r.records
+            if m["type"] == "metric" and m["metric"].get("options", {}).get("hidden")
+        }
+        logged = {c for c in r.history.columns if c.startswith(("awake/", "delta_"))}
+        per_layer = {c for c in logged if not c.split("/", 1)[1].startswith("all")}
+        assert per_layer and hidden == per_layer
 
     csv = pd.read_csv(run_dir / "metrics.csv")
     logged = pd.concat([awake_by_epoch(first.history), awake_by_epoch(second.history)])
@@ -163,6 +180,37 @@ def test_training_logs_offline_and_resumes_the_same_run(tmp_path: Path) -> None:
     prune = pd.read_csv(run_dir / "prune_results.csv")
     assert len(rows["data"]) == len(prune)
     assert rows["data"] == prune[rows["columns"]].values.tolist()
+    # The per-layer awake view: one table (every epoch, every threshold) equal to
+    # layer_changes.csv, and one line chart at 1e-05, per trained epoch.
+    layers = pd.read_csv(run_dir / "layer_changes.csv")
+    files_dir = files[1].parent / "files" / "media" / "table"
+    tables = sorted((files_dir / "tables").glob("awake_per_layer_*.table.json"), key=_step_of)
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["epoch", "layer", "threshold", "awake_pct"]
+    got = pd.DataFrame(table["data"], columns=table["columns"])
+    want = layers.melt(
+        id_vars=["epoch", "name"],
+        value_vars=[c for c in layers.columns if c.startswith("awake_pct@")],
+        var_name="t",
+        value_name="awake_pct",
+    )
+    want["threshold"] = want["t"].str.removeprefix("awake_pct@").astype(float)
+    want = want.rename(columns={"name": "layer"})[table["columns"]]
+    key_cols = ["epoch", "layer", "threshold"]
+    pd.testing.assert_frame_equal(
+        got.sort_values(key_cols).reset_index(drop=True),
+        want.sort_values(key_cols).reset_index(drop=True),
+        check_exact=True,
+        check_dtype=False,
+    )
+    charts = sorted((files_dir / "charts").glob("awake_per_layer_table_*.table.json"), key=_step_of)
+    chart = json.loads(charts[-1].read_text())
+    chart = pd.DataFrame(chart["data"], columns=chart["columns"])
+    at = want[(want.threshold == 1e-05) & (want.epoch >= 0)]
+    assert sorted(map(tuple, chart[["step", "lineKey", "lineVal"]].values.tolist())) == sorted(
+        map(tuple, at[["epoch", "layer", "awake_pct"]].values.tolist())
+    )
+
     key = "prune/sleeping/matched@1e-05/acc_after"
     sleeping = (prune.criterion == "sleeping") & (prune.target == "matched@1e-05")
     assert summary[key] == prune.loc[sleeping, "acc_after"].item()
@@ -191,11 +239,17 @@ def test_sweep_jobs_get_their_own_wandb_runs(tmp_path: Path) -> None:
     cli_ok(run_cli([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path))
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2
-    ids = set()
+    ids, names = set(), set()
     for job, scheme in zip(jobs, ("zeros", "he"), strict=True):
         [path] = run_files(job / "wandb")  # without wandb.finish(), job 1 logs into job 0's
         r = read_run(path)
         assert r.state["exit_code"] == 0 and r.state["config"]["init"]["scheme"] == scheme
         assert not r.history.dropna(subset=["awake/all@0"]).empty
         ids.add(r.run["run_id"])
-    assert len(ids) == 2
+        # Grouped by the sweep; named by the job's overrides (its swept value among them).
+        assert r.run["run_group"] == "sweep" and r.run["job_type"] == "train"
+        assert r.state["name"].startswith(f"mlp-mnist-{scheme}-s0:")
+        assert f"init={scheme}" in r.state["name"].split(":", 1)[1].split(",")
+        assert f"init:{scheme}" in r.state["tags"]
+        names.add(r.state["name"])
+    assert len(ids) == 2 and len(names) == 2

@@ -46,7 +46,13 @@ EXIT_CONFIG = 2
 def _hydra_main(cfg: DictConfig) -> float | None:
     # The one lazy import of the app: run.train imports Lightning (3.4 s here), which --help,
     # --cfg and config errors never need.
-    from cdi_experiments.run.train import RunStoppedError, in_multirun, train, train_job
+    from cdi_experiments.run.train import (
+        RunStoppedError,
+        in_multirun,
+        sweep_objective,
+        train,
+        train_job,
+    )
 
     try:
         metrics = train_job(cfg) if in_multirun() else train(cfg)[0]
@@ -58,7 +64,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         _fail(f"{exc}: the run resumes from its last checkpoint", EXIT_FAILED)
     except DatasetError as exc:
         _fail(exc, EXIT_FAILED)
-    return (metrics or {}).get("test/acc")  # what a sweeper optimises
+    return sweep_objective(cfg, metrics)  # what a sweeper optimises: cfg.objective, never test
 
 
 def _fail(exc: Exception | str, code: int) -> None:

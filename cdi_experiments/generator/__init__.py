@@ -3,7 +3,9 @@
 from cdi_experiments.generator.bits import GENERATOR_VERSION, gaussian, hash64, u01
 from cdi_experiments.generator.core import (
     DEFAULT_CHUNK_ELEMS,
+    DeltaSummary,
     TensorInit,
+    delta_summary,
     fans,
     generate,
     generate_tensor,
@@ -15,9 +17,11 @@ from cdi_experiments.generator.facade import DEFAULT_THRESHOLD, DeterministicNoi
 __all__ = [
     "DEFAULT_CHUNK_ELEMS",
     "DEFAULT_THRESHOLD",
+    "DeltaSummary",
     "GENERATOR_VERSION",
     "DeterministicNoiseGenerator",
     "TensorInit",
+    "delta_summary",
     "fans",
     "gaussian",
     "generate",

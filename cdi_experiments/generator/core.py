@@ -248,17 +248,59 @@ def _row_states(seed: int, layer_id: int, coords: tuple[np.ndarray, ...]) -> np.
     return np.broadcast_to(h, tuple(c.size for c in lead)).reshape(-1).copy()
 
 
+def _nd_args(
+    spec: TensorInit, coords: tuple[np.ndarray, ...]
+) -> tuple[np.uint64, np.ndarray, np.ndarray, np.ndarray]:
+    """The n-d kernels' view of a coordinate grid: ``fold(seed, layer_id)``, the per-axis
+    coordinate hashes concatenated, their offsets and the axis lengths."""
+    base = np.uint64(B.fold(spec.seed, spec.layer_id))
+    flat = np.concatenate(coords)
+    axis_h = np.empty_like(flat)
+    _nk.hash_all(flat, axis_h)
+    sizes = np.array([c.size for c in coords], dtype=np.int64)
+    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return base, axis_h, offs, sizes
+
+
+def _n_parts(n: int) -> int:
+    """Work items for a kernel over ``n`` elements: a few per thread, none tiny."""
+    return int(max(1, min(n // 32768, 4 * _nk.nb.get_num_threads())))
+
+
+def _draw_numba(
+    spec: TensorInit,
+    coords: tuple[np.ndarray, ...],
+    kind: int,
+    p0: float,
+    p1: float,
+    dtype: np.dtype,
+    into: np.ndarray | None = None,
+) -> np.ndarray:
+    """The numba n-d kernel's values on ``coords``, rounded once to ``dtype`` (written into
+    ``into`` when it is a C-contiguous array of the kernel's dtype)."""
+    base, axis_h, offs, sizes = _nd_args(spec, coords)
+    n = int(np.prod(sizes))
+    kdt = dtype if dtype in (np.dtype(np.float32), np.dtype(np.float64)) else np.dtype(np.float64)
+    if into is not None and into.dtype == kdt and into.flags.c_contiguous:
+        out = into.reshape(-1)  # a view: the kernel writes the caller's array directly
+    else:
+        out = np.empty(n, dtype=kdt)
+    if kind == _nk.KIND_NORMAL:
+        _nk.gaussian_grid(base, axis_h, offs, sizes, float(p0), out, _n_parts(n))
+    else:
+        _nk.uniform_grid(base, axis_h, offs, sizes, float(p0), float(p1), out, _n_parts(n))
+    return out.astype(dtype, copy=False).reshape(tuple(c.size for c in coords))
+
+
 def _standard_normal(
     spec: TensorInit, coords: tuple[np.ndarray, ...], scale: float, dtype: np.dtype, backend: str
 ) -> np.ndarray:
     """``scale * gaussian`` on the coordinate grid, cast to ``dtype`` (numpy result)."""
+    if backend == "numba":
+        return _draw_numba(spec, coords, _nk.KIND_NORMAL, scale, 0.0, dtype)
     rows = _row_states(spec.seed, spec.layer_id, coords)
     col_h = V.hash64_np(coords[-1])
     out_shape = tuple(c.size for c in coords)
-    if backend == "numba" and dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        out = np.empty((rows.size, col_h.size), dtype=dtype)
-        _nk.gaussian_grid(rows, col_h, float(scale), out)
-        return out.reshape(out_shape)
     out = np.empty((rows.size, col_h.size), dtype=dtype)
     step = max(1, DEFAULT_CHUNK_ELEMS // col_h.size)
     for a in range(0, rows.size, step):
@@ -268,12 +310,19 @@ def _standard_normal(
 
 
 def _uniform(
-    spec: TensorInit, coords: tuple[np.ndarray, ...], low: float, high: float, dtype: np.dtype
+    spec: TensorInit,
+    coords: tuple[np.ndarray, ...],
+    low: float,
+    high: float,
+    dtype: np.dtype,
+    backend: str = "numpy",
 ) -> np.ndarray:
+    width = high - low
+    if backend == "numba":
+        return _draw_numba(spec, coords, _nk.KIND_UNIFORM, low, width, dtype)
     rows = _row_states(spec.seed, spec.layer_id, coords)
     col_h = V.hash64_np(coords[-1])
     out = np.empty((rows.size, col_h.size), dtype=dtype)
-    width = high - low
     step = max(1, DEFAULT_CHUNK_ELEMS // col_h.size)
     for a in range(0, rows.size, step):
         h = V.hash64_np(rows[a : a + step, None] ^ col_h[None, :])
@@ -321,7 +370,7 @@ def _float64_values(spec: TensorInit, coords: tuple[np.ndarray, ...], backend: s
     if draw.kind == "constant":
         return np.full(tuple(c.size for c in coords), draw.value, dtype=np.float64)
     if draw.kind == "uniform":
-        return _uniform(spec, coords, draw.low, draw.high, np.dtype(np.float64))
+        return _uniform(spec, coords, draw.low, draw.high, np.dtype(np.float64), backend)
     return _standard_normal(spec, coords, draw.std, np.dtype(np.float64), backend)
 
 
@@ -331,6 +380,7 @@ def generate(
     *,
     dtype: Any = np.float32,
     backend: str | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The initial values of ``spec`` (or the block ``index`` selects), as a numpy array.
 
@@ -343,12 +393,35 @@ def generate(
         index: optional per-axis selection (slices, ints or int arrays), numpy-style.
         dtype: float16, float32 or float64; values are computed in float64 and rounded once.
         backend: ``auto``, ``numba``, ``numpy`` (bit-identical) or ``torch`` (see :func:`generate_tensor`).
+        out: optional array of the block's shape and ``dtype`` to write into and return (the
+            numba kernels fill a C-contiguous one in place, without a temporary).
 
     Raises:
-        ValueError: bad shape, dtype, index, scheme or parameters.
+        ValueError: bad shape, dtype, index, scheme, parameters or ``out``.
     """
     dt = _np_dtype(dtype)
     backend = resolve_backend(backend)
+    if out is not None:
+        block = tuple(c.size for c in _normalize_index(index, spec.shape))
+        if not isinstance(out, np.ndarray) or out.shape != block or out.dtype != dt:
+            got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))
+            raise ValueError(
+                f"out must be a numpy array of shape {block} and dtype {dt}, got {got}; "
+                "pass out=None to allocate"
+            )
+        draw = spec.draw
+        simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
+        if backend == "numba" and simple and draw.kind in ("normal", "uniform"):
+            coords = _normalize_index(index, spec.shape)
+            normal = draw.kind == "normal"
+            kind = _nk.KIND_NORMAL if normal else _nk.KIND_UNIFORM
+            p0, p1 = (draw.std, 0.0) if normal else (draw.low, draw.high - draw.low)
+            vals = _draw_numba(spec, coords, kind, p0, p1, dt, into=out)
+            if not np.may_share_memory(vals, out):  # not filled in place (strided out)
+                out[...] = vals
+            return out
+        out[...] = generate(spec, index, dtype=dt, backend=backend)
+        return out
     if backend == "torch":
         return generate_tensor(spec, index, dtype=_torch_dtype(dt), backend="torch").numpy()
     coords = _normalize_index(index, spec.shape)
@@ -358,6 +431,9 @@ def generate(
     )
     if plain_normal:  # the hot path: one fused pass, rounding straight to dtype
         return _standard_normal(spec, coords, draw.std, dt, backend)
+    simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
+    if simple and draw.kind == "uniform":  # low + width * u01 in float64, rounded once
+        return _uniform(spec, coords, draw.low, draw.high, dt, backend)
     if spec.zero_mean:
         # the mean of each filter needs the filter whole: regenerate those filters entirely
         full = (coords[0],) + tuple(np.arange(n, dtype=np.uint64) for n in spec.shape[1:])
@@ -380,13 +456,38 @@ def generate_tensor(
     dtype: Any = torch.float32,
     device: Any = None,
     backend: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Like :func:`generate`, as a torch tensor on ``device``.
+
+    With ``out`` (a tensor of the block's shape; ``dtype`` and ``device`` are then taken from
+    it), the values are written into it and it is returned: a CPU float16/32/64 ``out`` is
+    filled by the kernels in place, without a temporary tensor and without a torch copy.
 
     On the CPU the numba/numpy kernels run and the result is wrapped without a copy; on a GPU
     the torch backend generates on the device (plain normal and uniform draws; other kinds are
     generated on the CPU and moved). Bits are the same on every path.
     """
+    if out is not None:
+        block = tuple(c.size for c in _normalize_index(index, spec.shape))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != block:
+            raise ValueError(
+                f"out must be a tensor of shape {block}, got "
+                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+            )
+        cpu_kernel = resolve_backend(backend, out.device) != "torch"
+        if cpu_kernel and out.dtype in (torch.float16, torch.float32, torch.float64):
+            generate(
+                spec, index, dtype=_np_dtype(out.dtype), backend=backend, out=out.detach().numpy()
+            )
+        else:
+            with torch.no_grad():
+                out.copy_(
+                    generate_tensor(
+                        spec, index, dtype=out.dtype, device=out.device, backend=backend
+                    )
+                )
+        return out
     tdt = _torch_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cpu" and backend in ("numba", "numpy"):  # CPU kernels, then move
@@ -489,3 +590,240 @@ def iter_deltas(
 def changed_mask(delta: np.ndarray, threshold: float) -> np.ndarray:
     """``True`` where a weight moved by more than ``threshold`` (NaN counts as moved)."""
     return ~(delta <= threshold)
+
+
+# ----------------------------------------------------------------------------- delta summaries
+
+
+@dataclass
+class DeltaSummary:
+    """Exact summary of ``|w - w0|`` (float64) over a tensor or a block of one.
+
+    The same quantities as :class:`cdi_experiments.modules.analysis.DeltaStats` accumulates:
+    counts and bins merge exactly across chunks, shards and ranks (plain sums), ``max`` by max.
+
+    Attributes:
+        total: elements summarized.
+        zeros: finite deltas equal to 0 (bit-identical weights).
+        nan: NaN deltas.
+        total_sum: sum of the non-NaN deltas (may be inf).
+        max: largest non-NaN delta (0.0 when there is none).
+        changed: per threshold, elements with ``not (delta <= t)`` (NaN counts as changed).
+        hist: ``np.histogram`` counts of the deltas that are non-NaN and > 0 over ``edges``
+            (bins half-open ``[e_k, e_k+1)``, the last one closed).
+    """
+
+    total: int
+    zeros: int
+    nan: int
+    total_sum: float
+    max: float
+    changed: np.ndarray
+    hist: np.ndarray
+
+    @classmethod
+    def empty(cls, n_thresholds: int, n_bins: int) -> DeltaSummary:
+        """A summary of nothing, to :meth:`merge` into."""
+        return cls(0, 0, 0, 0.0, 0.0, np.zeros(n_thresholds, np.int64), np.zeros(n_bins, np.int64))
+
+    def merge(self, other: DeltaSummary) -> None:
+        """Add ``other`` in place (same thresholds and edges)."""
+        if other.changed.shape != self.changed.shape or other.hist.shape != self.hist.shape:
+            raise ValueError(
+                f"cannot merge a summary of {other.changed.size} thresholds/{other.hist.size} bins "
+                f"into one of {self.changed.size}/{self.hist.size}; use the same thresholds and edges"
+            )
+        self.total += other.total
+        self.zeros += other.zeros
+        self.nan += other.nan
+        self.total_sum += other.total_sum
+        self.max = max(self.max, other.max)
+        self.changed += other.changed
+        self.hist += other.hist
+
+    def add_deltas(self, delta: np.ndarray, thresholds: Sequence[float], edges: np.ndarray) -> None:
+        """Summarize a float64 array of deltas into this one (the numpy reference)."""
+        flat = delta.reshape(-1)
+        nan = np.isnan(flat)
+        finite = flat[~nan]  # non-NaN: +inf stays, as in DeltaStats.add
+        self.total += flat.size
+        self.nan += int(nan.sum())
+        self.zeros += int((finite == 0).sum())
+        self.total_sum += float(finite.sum())
+        if finite.size:
+            self.max = max(self.max, float(finite.max()))
+        for k, t in enumerate(thresholds):
+            self.changed[k] += int(changed_mask(flat, t).sum())
+        self.hist += np.histogram(finite[finite > 0], bins=edges)[0]
+
+
+def _check_edges(edges: Any) -> np.ndarray:
+    e = np.asarray(edges, dtype=np.float64)
+    if e.ndim != 1 or e.size < 2 or np.isnan(e).any() or not (np.diff(e) > 0).all():
+        raise ValueError(
+            f"edges must be a 1-D increasing sequence of >= 2 numbers (inf allowed), got {edges!r}"
+        )
+    return e
+
+
+def _block_chunks(
+    sizes: tuple[int, ...], chunk_elems: int
+) -> Iterator[tuple[tuple[slice, ...], int]]:
+    """Local sub-blocks of a block of ``sizes`` with at most ``chunk_elems`` elements each
+    (rows of the trailing axes whole where they fit), as slices plus their element count."""
+    k = len(sizes) - 1
+    while k >= 0 and math.prod(sizes[k:]) <= chunk_elems:
+        k -= 1
+    if k < 0:  # the whole block fits
+        yield tuple(slice(None) for _ in sizes), math.prod(sizes)
+        return
+    inner = math.prod(sizes[k + 1 :])
+    step = max(1, chunk_elems // inner)
+    for lead in np.ndindex(*sizes[:k]):
+        for a in range(0, sizes[k], step):
+            b = min(a + step, sizes[k])
+            sl = tuple(slice(i, i + 1) for i in lead) + (slice(a, b),)
+            yield sl + tuple(slice(None) for _ in sizes[k + 1 :]), (b - a) * inner
+
+
+def _w0_block(spec: TensorInit, coords: tuple[np.ndarray, ...], w: Any, backend: str | None):
+    """``w0`` on the coordinate grid ``coords``, in ``w``'s dtype, as a numpy array (bfloat16
+    weights get bfloat16 values, widened exactly to float32)."""
+    index = tuple(c.astype(np.int64) for c in coords)
+    if isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16:
+        return generate_tensor(spec, index, dtype=torch.bfloat16, backend=backend).float().numpy()
+    return generate(spec, index, dtype=_as_numpy(w).dtype, backend=backend)
+
+
+def _fused_ok(spec: TensorInit, w_np: np.ndarray, weights: Any, backend: str) -> bool:
+    """Whether the fused numba kernel covers this case: a per-element normal or uniform draw
+    compared against float32/float64 weights."""
+    if backend != "numba" or isinstance(weights, torch.Tensor) and weights.dtype == torch.bfloat16:
+        return False
+    simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
+    return (
+        simple
+        and spec.draw.kind in ("normal", "uniform")
+        and w_np.dtype in (np.dtype(np.float32), np.dtype(np.float64))
+    )
+
+
+def _bin_of_exponent(edges: np.ndarray) -> np.ndarray:
+    """For each biased float64 exponent, the bin holding the smallest positive double with it
+    (``searchsorted(edges, v, 'right') - 1``; -1 below the first edge)."""
+    with np.errstate(over="ignore"):
+        smallest = np.ldexp(1.0, np.arange(2048) - 1023)
+    smallest[0] = np.nextafter(0.0, 1.0)  # subnormals
+    smallest[2047] = np.inf
+    return (np.searchsorted(edges, smallest, side="right") - 1).astype(np.int64)
+
+
+def _fused_summary(
+    w_np: np.ndarray,
+    spec: TensorInit,
+    coords: tuple[np.ndarray, ...],
+    sizes: tuple[int, ...],
+    ts: tuple[float, ...],
+    edges: np.ndarray,
+    chunk_elems: int,
+    out: DeltaSummary,
+) -> None:
+    """:func:`delta_summary` through the fused generate-compare-histogram kernel, chunk by
+    chunk (a non-contiguous chunk of the weights is copied; the rest is read in place)."""
+    draw = spec.draw
+    if draw.kind == "normal":
+        kind, p0, p1 = _nk.KIND_NORMAL, float(draw.std), 0.0
+    else:
+        kind, p0, p1 = _nk.KIND_UNIFORM, float(draw.low), float(draw.high - draw.low)
+    thresholds = np.asarray(ts, dtype=np.float64)
+    bins = _bin_of_exponent(edges)
+    like = np.empty(0, dtype=w_np.dtype)
+    for sl, n in _block_chunks(sizes, chunk_elems):
+        sub = tuple(c[s] for c, s in zip(coords, sl, strict=True))
+        base, axis_h, offs, sub_sizes = _nd_args(spec, sub)
+        w = np.ascontiguousarray(w_np[sl]).reshape(-1)
+        counts, sums, changed, hist = _nk.delta_grid(
+            kind,
+            base,
+            axis_h,
+            offs,
+            sub_sizes,
+            p0,
+            p1,
+            w,
+            like,
+            thresholds,
+            edges,
+            bins,
+            _n_parts(n),
+        )
+        out.total += n
+        out.nan += int(counts[:, 0].sum())
+        out.zeros += int(counts[:, 1].sum())
+        out.total_sum += float(sums[:, 0].sum())
+        out.max = max(out.max, float(sums[:, 1].max()))
+        out.changed += changed[:, : len(ts)].sum(axis=0)
+        out.hist += hist.sum(axis=0)
+
+
+def delta_summary(
+    weights: Any,
+    spec: TensorInit,
+    index: Any = None,
+    *,
+    thresholds: Sequence[float],
+    edges: Any,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    backend: str | None = None,
+) -> DeltaSummary:
+    """Summarize ``|w - w0|`` for the block of ``spec`` that ``index`` selects.
+
+    ``w0`` is regenerated in the weights' own dtype (bfloat16 included), so a zero delta means
+    bit-identical; the deltas are taken in float64. Counts and bins equal
+    :meth:`DeltaSummary.add_deltas` over the whole block exactly, whatever the chunking,
+    backend or sharding; ``total_sum`` agrees to float rounding (its summation order varies).
+    Peak extra memory is bounded by ``chunk_elems`` except for orthogonal draws (the QR needs
+    the whole matrix) and ``zero_mean`` filters (generated whole).
+
+    Args:
+        weights: the block's current values (numpy array or torch tensor, any float dtype),
+            shaped as the block ``index`` selects.
+        spec: the tensor's init spec (global shape).
+        index: per-axis selection in global coordinates, as in :func:`generate`; ``None`` is
+            the whole tensor.
+        thresholds: counts of ``not (delta <= t)`` are kept per threshold.
+        edges: histogram edges, increasing (the last may be ``inf``).
+        chunk_elems: elements regenerated at once.
+        backend: generator backend (see :func:`resolve_backend`).
+
+    Raises:
+        ValueError: a shape mismatch, bad thresholds, edges, index or chunk size.
+    """
+    ts = tuple(check_threshold(t) for t in thresholds)
+    e = _check_edges(edges)
+    if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, (int, np.integer)):
+        raise ValueError(f"chunk_elems must be an int >= 1, got {chunk_elems!r}")
+    if chunk_elems < 1:
+        raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
+    coords = _normalize_index(index, spec.shape)
+    sizes = tuple(c.size for c in coords)
+    w_np = _as_numpy(weights)
+    if tuple(w_np.shape) != sizes:
+        raise ValueError(
+            f"weights have shape {tuple(w_np.shape)} but index {index!r} selects a block of shape "
+            f"{sizes} of {spec.shape}; pass the block's weights (keep size-1 axes)"
+        )
+    out = DeltaSummary.empty(len(ts), e.size - 1)
+    if _fused_ok(spec, w_np, weights, resolve_backend(backend)):
+        _fused_summary(w_np, spec, coords, sizes, ts, e, chunk_elems, out)
+        return out
+    if spec.whole_only:  # the QR needs the whole matrix anyway: generate the block once
+        w0 = _w0_block(spec, coords, weights, backend)
+        for sl, _ in _block_chunks(sizes, chunk_elems):
+            out.add_deltas(np.abs(w_np[sl].astype(np.float64) - w0[sl]), ts, e)
+        return out
+    for sl, _ in _block_chunks(sizes, chunk_elems):
+        sub = tuple(c[s] for c, s in zip(coords, sl, strict=True))
+        w0 = _w0_block(spec, sub, weights, backend)
+        out.add_deltas(np.abs(w_np[sl].astype(np.float64) - w0.astype(np.float64)), ts, e)
+    return out

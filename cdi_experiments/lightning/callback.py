@@ -21,17 +21,18 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from cdi_experiments.generator import bits as B
 from cdi_experiments.generator import schemes
 from cdi_experiments.generator.core import DEFAULT_CHUNK_ELEMS, check_threshold
+from cdi_experiments.lightning.dashboards import log_epoch
 from cdi_experiments.modules import (
     DELTA_EDGES,
     DeltaStats,
     Plan,
-    canonical_named_parameters,
+    delta_stats,
     init_module,
-    param_deltas,
     plan_from_dict,
     record_module,
 )
@@ -128,6 +129,12 @@ def _is_last_epoch(trainer: pl.Trainer, epoch: int) -> bool:
     if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
         return True
     return bool(trainer.should_stop)
+
+
+def _on_meta(module: torch.nn.Module) -> bool:
+    """Whether any of the module's tensors is on the meta device (not allocated yet)."""
+    tensors = (*module.parameters(), *module.buffers())
+    return any(t.is_meta for t in tensors)
 
 
 def tracked_module(pl_module: pl.LightningModule) -> torch.nn.Module:
@@ -335,6 +342,50 @@ class DeterministicInitCallback(Callback):
         if self.plan is not None:  # already initialized (a second fit/test on this trainer)
             return
         module = tracked_module(pl_module)
+        unbuilt = next(module.parameters(), None) is None and is_overridden(
+            "configure_model", pl_module
+        )
+        if _on_meta(module) or unbuilt:
+            # built on the meta device (or not built yet), to be sharded in configure_model,
+            # which runs after this hook: the LightningModule calls materialize() there; else
+            # on_fit_start initializes
+            log.info("model on the meta device: deterministic init deferred to materialize()")
+            return
+        self._initialize(trainer, pl_module)
+
+    def materialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Allocate a model built on the meta device and fill it with the deterministic init.
+
+        For LightningModules that build (or shard) their model in ``configure_model``, as
+        under Lightning's ``ModelParallelStrategy``: call this at the end of
+        ``configure_model``, after ``fully_shard``. Each rank allocates only its own shards
+        (``to_empty`` on the strategy's root device: uninitialized memory, no random draw) and
+        fills them from the generator, from the shards' global coordinates, without
+        communication: the gathered weights equal the single-process init bit for bit, at any
+        world size. Lightning's own materialization (``to_empty`` + ``reset_parameters``, a
+        random init drawn per rank) then finds no meta tensor and does nothing.
+        :class:`~cdi_experiments.lightning.classifier.Classifier` calls it. If nothing calls
+        it, :meth:`on_fit_start` initializes after Lightning's materialization instead (the
+        same values; a random init was drawn first and is overwritten).
+        """
+        if self.plan is not None:
+            return
+        if self.mode == "record":
+            raise ValueError(
+                "mode='record' cannot record a model built on the meta device: it has no init "
+                "of its own yet; use mode='generate', or build the model on a real device"
+            )
+        self._initialize(trainer, pl_module, device=trainer.strategy.root_device)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.plan is None:  # deferred in setup and materialize() was never called
+            log.info("deterministic init after Lightning materialized the meta-device model")
+            self._initialize(trainer, pl_module)
+
+    def _initialize(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, device: Any = None
+    ) -> None:
+        module = tracked_module(pl_module)
         if self.mode == "record":
             self.plan = record_module(module, biases=self.biases)
         else:
@@ -357,6 +408,7 @@ class DeterministicInitCallback(Callback):
                 biases=self.biases,
                 zero_mean_conv=self.zero_mean_conv,
                 lsuv_batch=batch,
+                device=device,
             )
         if not self.track_biases:
             self.plan = self.plan.subset(n for n in self.plan.names() if n.endswith("weight"))
@@ -386,20 +438,19 @@ class DeterministicInitCallback(Callback):
 
     def analyse(self, module: torch.nn.Module) -> dict[str, DeltaStats]:
         """``DeltaStats`` per tracked parameter (plus ``"all"``), ``w0`` regenerated in chunks
-        (or read from the record)."""
+        (or read from the record).
+
+        Sharded parameters (FSDP2 ``DTensor``s) are compared shard by shard on each rank and
+        the summaries all-reduced (:func:`~cdi_experiments.modules.delta_stats`), so every
+        rank gets the numbers of the whole tensors: counts and histogram bins exact, sums up
+        to rounding. It is then a collective: every rank calls it (the epoch-end hook does).
+        """
         if self.plan is None:
             raise RuntimeError("the callback has not initialized a model yet (setup not run)")
         if not self._kinds:
             self._kinds = parameter_kinds(module, self.plan.names())
-        out: dict[str, DeltaStats] = {}
-        overall = DeltaStats(self.thresholds)
-        for name in self.plan.names():
-            st = DeltaStats(self.thresholds)
-            for _, delta in param_deltas(module, self.plan, name, self.chunk_elems):
-                st.add(delta)
-                overall.add(delta)
-            out[name] = st
-        out["all"] = overall
+        out = delta_stats(module, self.plan, self.thresholds, chunk_elems=self.chunk_elems)
+        out["all"] = out.pop("__total__")
         return out
 
     def resolved_log_per(self) -> str:
@@ -492,35 +543,20 @@ class DeterministicInitCallback(Callback):
             self._write_files()
 
     def _log_histograms(self, trainer: pl.Trainer, pl_module, epoch: int) -> None:
-        if not self.histograms:
-            return
-        try:
-            from pytorch_lightning.loggers import WandbLogger
-        except ImportError:  # pragma: no cover
-            return
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                import wandb
-
-                params = dict(canonical_named_parameters(tracked_module(pl_module)))
-                weights: dict[str, list[np.ndarray]] = {}
-                deltas: dict[str, list[np.ndarray]] = {}
-                for name, group in self.groups().items():  # one histogram per logged group
-                    w = params[name].detach().cpu().float().numpy().reshape(-1)
-                    weights.setdefault(group, []).append(w)
-                    deltas.setdefault(group, []).extend(
-                        d.reshape(-1)
-                        for _, d in param_deltas(params, self.plan, name, self.chunk_elems)
-                    )
-                payload = {}
-                for group, ws in weights.items():
-                    payload[f"weights/{group}"] = wandb.Histogram(np.concatenate(ws))
-                    d = np.concatenate(deltas[group])
-                    moved = d[d > 0]
-                    if moved.size:  # nothing has moved at train start: no histogram to draw
-                        payload[f"abs_delta_log10/{group}"] = wandb.Histogram(np.log10(moved))
-                payload["epoch"] = max(epoch, 0)
-                lg.experiment.log(payload, commit=False)
+        """The epoch's dashboards on the trainer's W&B and TensorBoard loggers: the per-layer
+        awake table and chart, and (with ``histograms``) weight and ``|w - w0|`` histograms
+        (:func:`cdi_experiments.lightning.dashboards.log_epoch`)."""
+        log_epoch(
+            trainer.loggers,
+            tracked_module(pl_module),
+            self.plan,
+            self.groups(),
+            self.history,
+            epoch,
+            self.thresholds,
+            histograms=self.histograms,
+            chunk_elems=self.chunk_elems,
+        )
 
     def _write_files(self) -> None:
         if self.paths is None:

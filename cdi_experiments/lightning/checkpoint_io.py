@@ -12,6 +12,11 @@ temporary file; a killed one leaves a hidden ``.last.ckpt.*`` that nothing reads
 
 Loading is Lightning's, ``weights_only`` as the caller asks. Paths with a URL scheme
 (``s3://`` ...) are left to Lightning.
+
+Under ``trainer=fsdp2`` (Lightning's ``ModelParallelStrategy``) the full state dict that rank 0
+gathers (``save_distributed_checkpoint=false``, the default) is saved through this class too. A
+distributed checkpoint folder (``true``) is written by the strategy itself, every rank its own
+shards, without any CheckpointIO: that one is rewritten in place, not atomically.
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@ store them as hyperparameters and load with ``torch.load(path, weights_only=True
 Every checkpoint also carries ``checkpoint["cdi"]``: versions and, when the run set
 :attr:`Classifier.run_config`, the composed task config it was trained with (plain containers).
 
+Under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp2``) :meth:`Classifier.configure_model`
+shards the model with FSDP2 (``fully_shard``) for fitting, and the
+:class:`~cdi_experiments.lightning.callback.DeterministicInitCallback` fills a model built on the
+meta device shard by shard. When fitting ends the shards are gathered back into an ordinary
+model on every rank (:meth:`Classifier.on_fit_end`), so testing, pruning and export after
+``trainer.fit`` see the same kind of model as after a DDP run.
+
 A non-finite loss (``nan``/``inf``, e.g. from a huge constant init or learning rate) raises
 :class:`NonFiniteLossError` at the step that produced it, before the optimizer applies it.
 """
@@ -26,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import cdi_experiments
+from cdi_experiments.lightning.callback import DeterministicInitCallback
 from cdi_experiments.modules.evaluate import evaluate
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "lr": 1e-3}
@@ -133,6 +143,63 @@ class Classifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    # ------------------------------------------------------------------ sharding (FSDP2)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``, shard the model with FSDP2 for fitting;
+        a no-op under every other strategy, and when not fitting (the model is then whole).
+
+        Every module that owns parameters gets its own ``fully_shard`` (children first), then
+        the model as a whole, over the mesh's ``data_parallel`` dimension: each rank keeps a
+        dim-0 shard of every tensor (``Shard(0)``, uneven when the rows do not divide). A
+        model built on the meta device is then materialized by the trainer's
+        :class:`~cdi_experiments.lightning.callback.DeterministicInitCallback`
+        (:meth:`~cdi_experiments.lightning.callback.DeterministicInitCallback.materialize`):
+        each rank allocates its shards and fills them from the generator, so Lightning's own
+        materialization (``to_empty`` + ``reset_parameters``) has nothing left to do. Without
+        that callback, Lightning's runs.
+
+        Raises:
+            ValueError: the mesh has a tensor-parallel dimension larger than 1 (not supported
+                here: use ``tensor_parallel_size=1``).
+        """
+        mesh = self.device_mesh
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if mesh is None or not fitting or isinstance(self.model, FSDPModule):
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"Classifier shards with FSDP2 only, but the device mesh has tensor_parallel_size="
+                f"{mesh['tensor_parallel'].size()}; use ModelParallelStrategy("
+                "tensor_parallel_size=1, data_parallel_size=<all devices>)"
+            )
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for _, module in reversed(list(self.model.named_modules())[1:]):
+            if any(True for _ in module.parameters(recurse=False)):
+                fully_shard(module, mesh=dp)
+        fully_shard(self.model, mesh=dp)
+        if any(p.is_meta for p in self.model.parameters()):
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, DeterministicInitCallback):
+                    cb.materialize(self.trainer, self)
+                    break
+
+    def on_fit_end(self) -> None:
+        """Gather an FSDP2-sharded model back into an ordinary one, on every rank (a
+        collective: every rank runs this hook), rebuilt from ``model_cfg``. Checkpoints were
+        written from the shards already; this is for what comes after ``fit``."""
+        if not isinstance(self.model, FSDPModule):
+            return
+        spec = self.hparams.get("model_cfg")
+        if spec is None:  # nothing to rebuild it from: leave it sharded
+            return
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        with torch.device("meta"):
+            model = instantiate(spec, _convert_="all")
+        model.load_state_dict(full, assign=True)  # (the gathered tensors, on this device)
+        model.train(self.model.training)
+        self.model = model
 
     def configure_optimizers(self) -> Any:
         optimizer = self._make_optimizer(self.parameters())

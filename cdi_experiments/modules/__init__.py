@@ -7,6 +7,7 @@ from cdi_experiments.modules.analysis import (
     DeltaStats,
     analyze_module,
     awakened_masks,
+    delta_stats,
     param_deltas,
     rewind,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "canonical_name",
     "canonical_named_modules",
     "canonical_named_parameters",
+    "delta_stats",
     "init_module",
     "param_deltas",
     "plan_from_dict",

@@ -12,6 +12,10 @@ Supported: Linear, Conv1d/2d/3d (and transposed), Embedding, MultiheadAttention 
 ``in_proj_weight`` is split into Q, K and V blocks, each addressed and scaled as its own
 ``(E, E)`` matrix), and norm layers (weight ones, bias zeros). Other parameters are left as
 they are and not tracked.
+
+Sharded parameters (DTensors from FSDP2 or tensor parallelism) are filled shard by shard, each
+rank generating only its own part (:mod:`~cdi_experiments.modules.sharding`), and a model on
+the meta device is materialized straight into its initial values.
 """
 
 from __future__ import annotations
@@ -21,13 +25,21 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from cdi_experiments.generator import schemes
-from cdi_experiments.generator.core import TensorInit, fans, generate_tensor, layer_id_for
+from cdi_experiments.generator.core import (
+    DEFAULT_CHUNK_ELEMS,
+    TensorInit,
+    fans,
+    generate_tensor,
+    layer_id_for,
+)
 from cdi_experiments.modules.naming import canonical_named_modules
 from cdi_experiments.modules.plan import Block, InitPlan, RecordedPlan
+from cdi_experiments.modules.sharding import is_dtensor, local_chunks, local_part, torch_index
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +128,27 @@ def _weight_specs(
     ]
 
 
-def _apply(param: torch.Tensor, blocks: list[Block]) -> None:
+def _apply(
+    param: torch.Tensor, blocks: list[Block], chunk_elems: int = DEFAULT_CHUNK_ELEMS
+) -> None:
+    """Write ``blocks`` into this rank's part of ``param`` (all of it unless a DTensor), from
+    the part's global coordinates, ``chunk_elems`` elements at a time."""
+    local = local_part(param).detach()  # a view: writing it writes the (sharded) parameter
+    numpy_ok = local.device.type == "cpu" and local.dtype in _NUMPY_COPY
     with torch.no_grad():
-        for b in blocks:
-            param[b.start : b.stop].copy_(
-                generate_tensor(b.spec, dtype=param.dtype, device=param.device)
-            )
+        for at, spec, index in local_chunks(param, blocks, chunk_elems):
+            vals = generate_tensor(spec, index, dtype=local.dtype, device=local.device)
+            if numpy_ok and isinstance(at, slice):
+                # numpy's single-threaded copy: torch's parallel copy right after numba's
+                # parallel kernel waits for numba's still-spinning threads (measured on 2
+                # cores: resnet18's copies took 345 ms through torch, 16 ms this way)
+                np.copyto(local[at].numpy(), vals.numpy())
+            else:
+                local[torch_index(at)] = vals
+            del vals  # before the next chunk is generated: one chunk alive at a time
 
 
+_NUMPY_COPY = (torch.float16, torch.float32, torch.float64)
 _WEIGHT_LOCALS = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
@@ -153,10 +178,14 @@ def record_module(module: nn.Module, *, biases: bool = True, norms: bool = True)
     made elsewhere, e.g. the model's own ``reset_parameters``.
 
     The returned :class:`RecordedPlan` holds a CPU copy of each tensor in its own dtype, so it
-    costs as much memory as those parameters (and as much again in a checkpoint).
+    costs as much memory as those parameters (and as much again in a checkpoint). DTensor
+    parameters are gathered whole (``full_tensor()``): the call is then collective, and every
+    rank holds the whole record.
     """
     tracked = _tracked(module, biases=biases, norms=norms)
-    return RecordedPlan({pname: p for _, _, pname, p, _ in tracked})
+    return RecordedPlan(
+        {pname: p.full_tensor() if is_dtensor(p) else p for _, _, pname, p, _ in tracked}
+    )
 
 
 def init_module(
@@ -173,14 +202,32 @@ def init_module(
     lsuv_batch: torch.Tensor | None = None,
     lsuv_tol: float = 0.05,
     lsuv_max_iter: int = 10,
+    device: torch.device | str | None = None,
 ) -> InitPlan:
     """Initialize ``module`` in place, deterministically, and return its :class:`InitPlan`.
+
+    Sharded parameters (``DTensor``: FSDP2 ``fully_shard``, tensor parallel, or both on a 2-D
+    mesh) are filled rank by rank: each rank generates only its local shard, from the shard's
+    global coordinates, without communication, so the gathered ``full_tensor()`` equals this
+    function's result on the unsharded model, bit for bit, at any world size and layout.
+    Peak extra memory per rank is one generation chunk of ``DEFAULT_CHUNK_ELEMS`` (2**20)
+    elements, never the local shard or the whole tensor: measured (tracemalloc, float32)
+    about 4.2 MiB for normal and uniform draws and 12 MiB for constants. Orthogonal weights
+    are the exception: each rank regenerates the whole global matrix in float64 and runs its
+    QR (about 4 x 8 bytes x numel of the global matrix, e.g. 33 MiB for 1024 x 1024), then
+    keeps its shard.
+
+    A model built on the meta device (``with torch.device("meta")``, before or after
+    ``fully_shard``) is materialized on ``device`` with ``module.to_empty`` and every
+    parameter is written straight with its deterministic values (no random init is drawn
+    first); BatchNorm running statistics are reset to their constants.
 
     Args:
         module: any ``nn.Module``.
         seed: generator seed (0 is a seed).
-        scheme: registry name for weights (see :func:`cdi_experiments.generator.schemes.names`) or ``"lsuv"``
-            (orthogonal, then each layer rescaled on ``lsuv_batch`` to unit output variance).
+        scheme: registry name for weights (see
+            :func:`cdi_experiments.generator.schemes.names`) or ``"lsuv"`` (orthogonal, then
+            each layer rescaled on ``lsuv_batch`` to unit output variance).
         params: the scheme's parameters (``{"std": 0.02}`` for ``custom``, ...).
         overrides: per-module or per-parameter scheme, e.g. ``{"fc1": "zeros"}`` or
             ``{"attn": {"scheme": "custom", "std": 0.044}}`` (longest matching prefix wins).
@@ -191,10 +238,13 @@ def init_module(
         norms: set norm layers' weights to ones and biases to zeros, and track them.
         zero_mean_conv: shift each conv filter to zero mean (``init_conv_kernel``).
         lsuv_batch: the input batch LSUV fits its scales on (required for ``lsuv``).
+        device: where to materialize a module whose tensors are on the meta device; unused
+            otherwise.
 
     Raises:
-        ValueError: unknown scheme, bad parameters, a parameter that matched nothing, or LSUV
-            without a batch.
+        ValueError: unknown scheme, bad parameters, a parameter that matched nothing, LSUV
+            without a batch or on a DTensor parameter, or a meta-device module without
+            ``device``, partly materialized, or holding tensors this init cannot fill.
     """
     params = dict(params or {})
     overrides = dict(overrides or {})
@@ -209,7 +259,7 @@ def init_module(
     used_overrides: set[str] = set()
     # every spec is built (and so validated) before the first write: a bad override or scheme
     # parameter raises with the module untouched
-    todo: list[tuple[torch.Tensor, list[Block]]] = []
+    todo: list[tuple[nn.Module, str, list[Block]]] = []
     for m, local, pname, param, kind in _tracked(module, biases=biases, norms=norms):
         is_bias = "bias" in local
         ov = _override_for(pname, overrides)
@@ -225,7 +275,12 @@ def init_module(
             blocks = _weight_specs(m, pname, param, seed, s_name, s_params, ids, zero_mean_conv)
         else:
             blocks = [_bias_block(m, pname, param, seed, s_name, s_params, ids)]
-        todo.append((param, blocks))
+        if lsuv and is_dtensor(param):
+            raise ValueError(
+                f"init scheme 'lsuv' needs whole weights and forward passes, but {pname!r} is "
+                "a sharded DTensor; initialize before sharding or use a per-element scheme"
+            )
+        todo.append((m, local, blocks))
         plan.blocks[pname] = blocks
         # an override counts as used only where it initialized something
         used_overrides.update(k for k in overrides if pname == k or pname.startswith(k + "."))
@@ -235,11 +290,53 @@ def init_module(
             f"init override(s) {sorted(unused)} matched no parameter; names look like "
             f"{', '.join(list(plan.blocks)[:4])}"
         )
-    for param, blocks in todo:
-        _apply(param, blocks)
+    _materialize(module, device, set(plan.blocks), biases=biases, norms=norms)
+    for m, local, blocks in todo:
+        _apply(getattr(m, local), blocks)  # looked up now: to_empty may have replaced it
     if lsuv:
         _lsuv(module, plan, lsuv_batch, lsuv_tol, lsuv_max_iter)
     return plan
+
+
+def _materialize(
+    module: nn.Module, device: Any, tracked: set[str], *, biases: bool, norms: bool
+) -> None:
+    """Allocate a meta-device ``module`` on ``device`` (``to_empty``: uninitialized memory
+    that init_module then overwrites) after checking that init_module will give every tensor
+    a value. A module with no meta tensor is left alone."""
+    tensors = [
+        (f"{mname}.{local}" if mname else local, t, kind, m)
+        for mname, m in canonical_named_modules(module)
+        for kind, items in (("parameter", m._parameters), ("buffer", m._buffers))
+        for local, t in items.items()
+        if t is not None
+    ]
+    meta = [name for name, t, _, _ in tensors if t.is_meta]
+    if not meta:
+        return
+    if device is None:
+        raise ValueError(
+            f"{meta[0]!r} is on the meta device: pass init_module(..., device='cpu' or 'cuda') "
+            "to materialize the module there"
+        )
+    real = [name for name, t, _, _ in tensors if not t.is_meta]
+    if real:
+        raise ValueError(
+            f"the module is partly on the meta device ({meta[0]!r}) and partly not "
+            f"({real[0]!r}); to_empty would erase the latter: build it all on meta or all real"
+        )
+    for name, _, kind, m in tensors:
+        stat = isinstance(m, nn.modules.batchnorm._BatchNorm) and kind == "buffer"
+        if not stat and name not in tracked:
+            raise ValueError(
+                f"{kind} {name!r} is on the meta device and init_module does not initialize it "
+                f"(biases={biases}, norms={norms}); call module.to_empty(device=...), set it "
+                "yourself, then init_module"
+            )
+    module.to_empty(device=device)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            m.reset_running_stats()
 
 
 def _bias_block(

@@ -10,6 +10,7 @@ from torch import nn
 
 from cdi_experiments.modules.naming import canonical_named_modules, resolve_module
 from cdi_experiments.modules.plan import Plan
+from cdi_experiments.modules.sharding import is_dtensor
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,11 @@ class Mask(Mapping[str, torch.Tensor]):
                 )
             if t.dim() == 0:
                 raise ValueError(f"mask for {name!r} is a scalar; it must have the param's shape")
+            if is_dtensor(t):  # its counts would need a collective on every access
+                raise ValueError(
+                    f"mask for {name!r} is a sharded DTensor; pass mask.full_tensor() (on "
+                    "every rank), or build masks from a full state dict"
+                )
             data[name] = t.detach().to("cpu", copy=True)
         self._masks = data
         if model is not None:

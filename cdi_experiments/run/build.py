@@ -11,6 +11,10 @@ run, and only where the target's constructor takes it by name and the config did
 * the trainer: :class:`~cdi_experiments.lightning.checkpoint_io.AtomicCheckpointIO` (checkpoints
   written atomically on any filesystem) unless ``trainer.plugins`` is set.
 
+Under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp2``) the model is built on the meta
+device: no memory, no random init. ``Classifier.configure_model`` shards it and the init callback
+fills each rank's shards (:meth:`~cdi_experiments.lightning.callback.DeterministicInitCallback.materialize`).
+
 The LightningModule carries the composed task config, which every checkpoint then stores
 (``checkpoint["cdi"]["config"]``).
 """
@@ -22,20 +26,28 @@ import uuid
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, WandbLogger
 from torch import nn
 
 from cdi_experiments.lightning.callback import DeterministicInitCallback
 from cdi_experiments.lightning.checkpoint_io import AtomicCheckpointIO
 from cdi_experiments.lightning.classifier import Classifier
+from cdi_experiments.lightning.csv_logger import ResumableCSVLogger
+from cdi_experiments.lightning.dashboards import wandb_group, wandb_name, wandb_tags
 from cdi_experiments.paths import RunPaths
 from cdi_experiments.run.schema import (
     ConfigError,
+    is_model_parallel,
+    model_name,
     one_line,
     plain,
+    short_name,
     target_signature,
     task_config,
 )
@@ -93,9 +105,14 @@ def scheduler_spec(cfg: DictConfig) -> dict[str, Any] | None:
 
 def build_lit_module(cfg: DictConfig, dm: Any) -> Classifier:
     """The LightningModule: the model ``cfg.model`` names, trained with ``cfg.optimizer`` (and
-    ``cfg.scheduler``)."""
+    ``cfg.scheduler``); on the meta device when the trainer's strategy shards it in
+    ``configure_model`` (``trainer=fsdp2``)."""
     spec = model_spec(cfg, dm)
-    model = _instantiate("model", spec)
+    if is_model_parallel(plain(cfg.trainer)):
+        with torch.device("meta"):  # as trainer.init_module(empty_init=True) would for it
+            model = _instantiate("model", spec)
+    else:
+        model = _instantiate("model", spec)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model._target_={spec['_target_']!r} built a {type(model).__name__}, not a "
@@ -144,7 +161,8 @@ def build_loggers(
     resume_epoch: int | None = None,
     epoch_end_row: dict[str, Any] | None = None,
 ) -> list[Logger]:
-    """``cfg.logger``'s loggers. ``resumed``: the init callback's checkpoint state (``{}`` for a
+    """``cfg.logger``'s loggers, after a :class:`ResumableCSVLogger` (``metrics.csv``) where
+    none of them writes a CSV. ``resumed``: the init callback's checkpoint state (``{}`` for a
     fresh run); ``resume_epoch``: the checkpoint's epoch, whose rows the metrics CSV keeps;
     ``epoch_end_row``: the row that epoch's end had not logged yet when it was saved."""
     loggers: list[Logger] = []
@@ -155,6 +173,7 @@ def build_loggers(
             "save_dir": str(paths.root),
             "keep_epochs_upto": resume_epoch,
             "epoch_end_row": epoch_end_row,
+            "run_config": plain(cfg),  # TensorBoard's hparams (dashboards.TensorBoardLogger)
         }
         cls = get_class(spec["_target_"])
         if issubclass(cls, MLFlowLogger):
@@ -168,6 +187,10 @@ def build_loggers(
             spec = _wandb_args(cfg, spec, paths, callback, resumed)
         # Not recursive: W&B's `config` holds the run's own _target_ nodes, to record, not build.
         loggers.append(_instantiate(f"logger.{name}", spec, _recursive_=False))
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+        # metrics.csv is the run's own record (cdi-report reads it): kept whatever the
+        # dashboards are, e.g. logger=wandb, whose history is only in its offline binary log
+        loggers.insert(0, ResumableCSVLogger(str(paths.root), resume_epoch, epoch_end_row))
     return loggers
 
 
@@ -189,8 +212,39 @@ def _wandb_args(
     spec.setdefault("id", run_id)
     spec.setdefault("resume", "allow")
     spec.setdefault("config", plain(cfg))
+    spec.update(_wandb_run_fields(cfg, spec))
     paths.wandb.mkdir(parents=True, exist_ok=True)
     return spec
+
+
+def _wandb_run_fields(cfg: DictConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    """What the W&B run is filed under, where ``logger.wandb`` leaves it unset: the group (the
+    experiment and/or the sweep), ``job_type="train"``, tags from the config after the given
+    ones, and for a sweep job the name with the job's overrides (distinct across the sweep)."""
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    choices = dict(hydra.runtime.choices) if hydra is not None else {}
+    multirun = hydra is not None and hydra.mode == RunMode.MULTIRUN
+    experiment = choices.get("experiment")
+    optimizer = choices.get("optimizer")
+    if not optimizer or optimizer == "custom":
+        optimizer = short_name(cfg.optimizer.get("_target_"))
+    labels = {
+        "model": model_name(cfg.model.get("_target_")),
+        "data": cfg.data.get("name") or short_name(cfg.data.get("_target_")),
+        "init": cfg.init.scheme,
+        "optimizer": optimizer,
+        "experiment": experiment,
+    }
+    name = spec.get("name")
+    if multirun and name == cfg.run_name:
+        name = wandb_name(str(name), hydra.job.override_dirname)
+    sweep_dir = hydra.sweep.dir if multirun else None
+    return {
+        "group": spec.get("group") or wandb_group(experiment, sweep_dir),
+        "job_type": spec.get("job_type") or "train",
+        "tags": wandb_tags(labels, spec.get("tags")),
+        "name": name,
+    }
 
 
 def build_trainer(

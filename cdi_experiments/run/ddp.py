@@ -1,4 +1,5 @@
-"""DDP inside a Hydra multirun: each job starts its own ranks, running that job only.
+"""DDP (and FSDP2: ``trainer=fsdp2``'s ModelParallelStrategy starts its ranks the same way)
+inside a Hydra multirun: each job starts its own ranks, running that job only.
 
 Lightning's subprocess launcher re-runs ``sys.argv`` for ranks 1..N-1, ``-m`` and all, so inside
 a multirun every rank-1 process would run the whole sweep (in a sweep directory of its own when

@@ -34,6 +34,7 @@ from cdi_experiments.run.schema import (
     ConfigError,
     check_config,
     one_line,
+    sweep_values,
     target_signature,
     task_config,
 )
@@ -73,7 +74,7 @@ def sweep_jobs(overrides: Sequence[str], sweeper_params: Mapping[str, str] | Non
     for o in parsed.values():
         key = o.get_key_element()
         if o.is_sweep_override():
-            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+            axes.append([f"{key}={v}" for v in sweep_values(o)])
         else:
             axes.append([o.input_line or f"{key}={o.get_value_element_as_str()}"])
     return [list(job) for job in itertools.product(*axes)]
@@ -84,7 +85,8 @@ class CommandLine:
     """A checked ``cdi-train`` command line.
 
     Attributes:
-        jobs: The number of job configs checked (0: a command line left to Hydra).
+        jobs: The number of jobs the sweep runs (an Optuna sweep: its ``n_trials``, whose
+            search space's ends were checked), or 1 (0: a command line left to Hydra).
         multirun: Whether it is a sweep (``-m``).
         output_dir: The run directory, or for a sweep the sweep directory, as resolved now
             (``None`` when left to Hydra).
@@ -149,7 +151,10 @@ def check_command_line(argv: Sequence[str]) -> CommandLine:
             output_dir = Path(str(cfg.hydra.run.dir))
             check_resume(task, output_dir)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    return CommandLine(len(jobs), multirun, output_dir, _pinned(argv, key, output_dir))
+    count = len(jobs)
+    if multirun and isinstance(sweeper.get("n_trials"), int):  # Optuna: one job per trial
+        count = sweeper["n_trials"]
+    return CommandLine(count, multirun, output_dir, _pinned(argv, key, output_dir))
 
 
 def _check_job_dirname(job: list[str], cfg: DictConfig) -> None:

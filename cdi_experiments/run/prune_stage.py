@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cdi_experiments.lightning.classifier import Classifier, optimizer_factory
+from cdi_experiments.lightning.dashboards import log_prune_results
 from cdi_experiments.modules import InitPlan
 from cdi_experiments.modules.evaluate import evaluate
 from cdi_experiments.paths import (
@@ -57,7 +58,9 @@ from cdi_experiments.run.build import build_datamodule
 from cdi_experiments.run.checkpoint import (
     CheckpointError,
     checkpoint_config,
+    checkpoint_sha256,
     init_state,
+    is_distributed_checkpoint,
     load_checkpoint,
     read_checkpoint_bytes,
 )
@@ -154,12 +157,7 @@ def run_prune_stage(
     )
     atomic_write_csv(paths.prune, df)
     export_sleeping_pruned(model, plan, float(p["threshold"]), paths)
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            lg.log_table(key="prune/results", dataframe=df)
-            lg.experiment.summary.update(
-                {f"prune/{r.criterion}/{r.target}/acc_after": r.acc_after for r in df.itertuples()}
-            )
+    log_prune_results(loggers, df)  # W&B table + summary, TensorBoard text
     print(format_table(df))
     return df
 
@@ -188,8 +186,8 @@ def load_run(ckpt: Path, data: bytes | None = None) -> tuple[nn.Module, InitPlan
     with a warning.
 
     Args:
-        ckpt: The checkpoint file.
-        data: Its bytes, if already read.
+        ckpt: The checkpoint file, or DCP folder (``trainer=fsdp2``).
+        data: A file's bytes, if already read.
 
     Raises:
         CheckpointError: The file is not a safe, readable ``cdi-train`` checkpoint, its initial
@@ -443,7 +441,8 @@ def prune_checkpoint(
     show a half-written one; this reads whichever complete ``last.ckpt`` is there.
 
     Args:
-        ckpt: A ``cdi-train`` checkpoint.
+        ckpt: A ``cdi-train`` checkpoint: a file, or the DCP folder ``trainer=fsdp2`` writes
+            with ``save_distributed_checkpoint=true``.
         overrides: ``prune.*`` values from the command line (the rest: the run's config).
         out: The output directory; ``None``: ``<run>/prune/<name>/``.
 
@@ -453,8 +452,10 @@ def prune_checkpoint(
         ValueError: ``out`` holds other results or is a file; a config value that cannot work.
     """
     ckpt = Path(ckpt)
-    data = read_checkpoint_bytes(ckpt)
-    key = invocation_key(hashlib.sha256(data).hexdigest(), overrides)
+    # a file is read once (hashed, then loaded); a DCP folder (trainer=fsdp2) file by file
+    data = None if is_distributed_checkpoint(ckpt) else read_checkpoint_bytes(ckpt)
+    digest = hashlib.sha256(data).hexdigest() if data is not None else checkpoint_sha256(ckpt)
+    key = invocation_key(digest, overrides)
     explicit = out is not None
     out = (
         Path(out)

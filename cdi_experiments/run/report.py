@@ -1,48 +1,74 @@
-"""Run summaries and ``cdi-report``: aggregate run directories into tables and figures.
+"""Run summaries and ``cdi-report``: run directories read into tidy tables, and written out.
 
-``cdi-report outputs/multirun/2026-11-23`` finds every run below the given folders
-(``run_info.json`` or ``status.json``) and reports those whose ``status.json`` says
-``finished`` (written last by ``cdi-train``). It writes, under ``--out`` (default: ``report/``
-inside the first folder; never the current directory by accident):
+``cdi-report outputs/multirun/2026-11-23`` finds every run below the given folders (single
+runs, sweep folders, sweeps nested in sweeps: any directory holding ``run_info.json`` or
+``status.json``) and reads those whose ``status.json`` says ``finished`` (written last by
+``cdi-train``) into tidy pandas frames (:func:`load_runs`, :class:`Runs`):
 
-* ``runs.csv`` / ``runs.md``: one row per run: config choices, final train/val/test accuracy,
-  awakened shares of all tracked weights at the last epoch, accuracy after matched pruning;
-* ``figures/awake_per_epoch.png``: awakened share per epoch, one line per run;
-* ``figures/prune_accuracy.png``: accuracy after pruning at the sleeping mask's sparsity, per
-  criterion and run;
-* ``figures/runs/<run>_layers.png``: per layer, awakened share and mean ``|w - w0|`` per epoch;
-* ``figures/runs/<run>_prune.png``: accuracy against sparsity, one curve per criterion;
+* ``layers``: one row per run x epoch x parameter x threshold (the awakened and sleeping
+  shares, mean and max ``|w - w0|``, and that epoch's train/val metrics);
+* ``epochs``: one row per run x epoch (train/val/test loss and accuracy);
+* ``prune``: one row per run x criterion x target x variant (one-shot, fine-tuned, rewound);
+* ``prune_layers``: the pruned share of each parameter (``layer_sparsity``, long form);
+* ``histograms``: per-epoch ``|w - w0|`` histogram bins (``delta_histograms.csv``);
+* ``runs``: one row per run (``runs.csv``): final numbers.
+
+Every frame carries the run's status and fingerprints and every composed config value,
+flattened into dotted columns (``optimizer.lr``, ``init.scheme``, ``data.normalize``...), so
+any of them can be grouped by (:func:`aggregate`: mean, std and count over seeds).
+
+:func:`write_report` (``cdi-report``) writes, under ``--out`` (default: ``report/`` inside the
+first folder; never the current directory by accident):
+
+* ``runs.csv`` (every column) and ``runs.md`` / ``runs.tex`` (the columns that tell runs
+  apart: the swept config values and the final numbers);
+* ``grouped.csv`` / ``.md`` / ``.tex`` with ``--group-by``: mean, std and count over seeds;
+* ``tidy/<frame>.csv``: the tidy frames above, with the run-level and swept columns (the
+  config values every run shares are in ``runs.csv``: join on ``run``);
+* ``figures/*.png`` and ``*.pdf`` (:mod:`cdi_experiments.run.figures`);
 * ``unreadable_runs.csv`` (and a section of ``runs.md``): runs left out, each with the file
   that is missing, corrupt or says the run did not finish. A reported run whose metrics,
   layer or prune file is missing or corrupt has it named in the ``problems`` column.
+
+Epochs are numbered as in ``layer_changes.csv``: ``-1`` is the initial weights (``init`` in
+tables and figures), ``0`` the end of the first training epoch.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
-import re
-import textwrap
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from cdi_experiments.paths import (
+    CHECKPOINT_DIR,
+    DELTA_HIST_CSV,
     FIGURE_DIR,
+    LAST_CKPT,
     LAYERS_CSV,
     METRICS_CSV,
     PRUNE_CSV,
+    PRUNE_DIR,
+    PRUNE_DONE,
     RUN_INFO_JSON,
     STATUS_JSON,
-    atomic_write,
+    WANDB_DIR,
     atomic_write_csv,
     atomic_write_text,
 )
+from cdi_experiments.run import figures
+from cdi_experiments.run.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
+from cdi_experiments.run.figures import INIT_EPOCH, INIT_LABEL, epoch_label
 from cdi_experiments.run.lock import run_lock
+from cdi_experiments.run.schema import short_name
 from cdi_experiments.run.status import read_status
 from cdi_experiments.tables import format_frame, markdown_frame
 
@@ -52,6 +78,32 @@ SUMMARY_KEYS = ("train/acc", "train/loss", "val/acc", "val/loss", "test/acc", "t
 DEFAULT_THRESHOLD = 1e-5
 REPORT_DIR = "report"  # cdi-report's default --out: <first root>/report
 UNREADABLE_CSV = "unreadable_runs.csv"
+TIDY_DIR = "tidy"
+WEIGHT_HIST_CSV = "weight_histograms.csv"  # read when a run has one (same columns as deltas)
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+
+# Run-level columns every tidy frame starts with (then the flattened config).
+META_COLUMNS = (
+    "run",
+    "label",
+    "run_name",
+    "status",
+    "config_sha256",
+    "init_fingerprint",
+    "generator_version",
+    "config_source",
+    "data",
+    "model",
+    "optimizer",
+    "init",
+    "seed",
+)
+# Config subtrees left out of the columns: the callbacks repeat init/tracking, the loggers and
+# run_dir say where a run wrote, not what it was.
+_SKIP_CONFIG = ("callbacks", "logger", "run_dir", "hydra")
+# Columns that index a tidy frame's rows rather than measure something.
+INDEX_COLUMNS = ("epoch", "threshold", "low", "high", "layer", "step")
+PRUNE_VARIANTS = {"acc_after": "one-shot", "acc_finetuned": "fine-tuned", "acc_rewound": "rewound"}
 
 
 class UnreadableFileError(ValueError):
@@ -61,6 +113,11 @@ class UnreadableFileError(ValueError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class ReportError(ValueError):
+    """Bad input to :func:`write_report` or :func:`aggregate`: a missing folder, a file as
+    ``out``, no runs, an unknown ``--group-by`` column."""
 
 
 def read_csv(path: Path) -> pd.DataFrame:
@@ -78,12 +135,7 @@ def read_csv(path: Path) -> pd.DataFrame:
         raise UnreadableFileError(path, f"unreadable ({exc.strerror})") from None
 
 
-def _try_csv(path: Path) -> pd.DataFrame | None:
-    """:func:`read_csv`, or ``None`` (the problem is reported in the runs table instead)."""
-    try:
-        return read_csv(path) if path.exists() else None
-    except UnreadableFileError:
-        return None
+# ----------------------------------------------------------------------------- end of a run
 
 
 def layer_table(history: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -98,27 +150,24 @@ def layer_table(history: Iterable[dict[str, Any]]) -> pd.DataFrame:
 def final_metrics(run_dir: Path, metrics: Mapping[str, float] | None = None) -> dict[str, float]:
     """Train/val/test loss and accuracy at the end of a run.
 
-    Raises:
-        UnreadableFileError: ``metrics.csv`` exists but cannot be parsed.
-
     ``metrics`` (e.g. ``trainer.callback_metrics``) wins where it has a key; the rest is the
-    last logged value in the run's ``metrics.csv`` (``trainer.test`` clears the train and val
-    entries of ``callback_metrics``, so without this the summary would show test figures only).
+    last logged value in the run's own metric files (:func:`epoch_metrics`: ``metrics.csv``,
+    else TensorBoard's event files). ``trainer.test`` clears the train and val entries of
+    ``callback_metrics``, so without this the summary would show test figures only.
+
+    Raises:
+        UnreadableFileError: a metrics file exists but cannot be parsed.
     """
     out = {k: float(v) for k, v in (metrics or {}).items() if k in SUMMARY_KEYS}
-    path = Path(run_dir) / METRICS_CSV
-    if path.exists():
-        df = read_csv(path)
-        try:
-            for key in SUMMARY_KEYS:
-                if key not in out and key in df:
-                    values = df[key].dropna()
-                    if len(values):
-                        out[key] = float(values.iloc[-1])
-            if "epoch" in df and "train/acc" in df and df["train/acc"].notna().any():
-                out["epochs"] = int(df.loc[df["train/acc"].notna(), "epoch"].max()) + 1
-        except (TypeError, ValueError) as exc:  # text where numbers belong
-            raise UnreadableFileError(path, f"corrupt values ({exc})") from None
+    em = epoch_metrics(Path(run_dir))
+    if em is not None:
+        for key in SUMMARY_KEYS:
+            if key not in out and key in em:
+                values = em[key].dropna()
+                if len(values):
+                    out[key] = float(values.iloc[-1])
+        if "train/acc" in em and em["train/acc"].notna().any():
+            out["epochs"] = int(em.loc[em["train/acc"].notna(), "epoch"].max()) + 1
     return out
 
 
@@ -157,7 +206,7 @@ def summarize_run(
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- aggregation
+# ----------------------------------------------------------------------------- one run's files
 
 
 def find_runs(roots: Iterable[Path]) -> list[Path]:
@@ -213,77 +262,499 @@ def _init_label(init: Mapping[str, Any]) -> str:
     return label
 
 
-def run_row(run: Path) -> dict[str, Any]:
-    """One row of ``runs.csv``: config choices and the run's final numbers, read from its files.
-
-    A metrics, layer or prune file that is missing or corrupt is named in the row's
-    ``problems`` entry (the rest of the row is still filled).
+def _read_info(run: Path) -> dict[str, Any] | None:
+    """``run_info.json`` as a dict (``None`` if absent).
 
     Raises:
-        UnreadableFileError: ``run_info.json`` is missing, corrupt or not a run's.
+        UnreadableFileError: it exists but is not JSON or not readable.
     """
     path = run / RUN_INFO_JSON
     try:
         info = json.loads(path.read_text())
-        cfg = info["config"]
-        row: dict[str, Any] = {
-            "run": str(run),
-            "data": cfg["data"]["name"],
-            "model": info.get("model_name") or cfg["model"]["name"],  # older runs: model.name
-            "init": _init_label(cfg["init"]),
-            "seed": cfg["seed"],
-            "epochs": cfg["trainer"]["max_epochs"],
-        }
     except FileNotFoundError:
-        raise UnreadableFileError(path, "missing") from None
+        return None
     except OSError as exc:
         raise UnreadableFileError(path, f"unreadable ({exc.strerror})") from None
     except ValueError as exc:
         raise UnreadableFileError(path, f"not JSON ({exc})") from None
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise UnreadableFileError(path, f"not a run's info (no {exc})") from None
-    problems = []
+    if not isinstance(info, dict):
+        raise UnreadableFileError(path, "not a run's info (not a JSON object)")
+    return info
+
+
+def run_config(run: Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """The composed config of ``run``, where it came from, and ``run_info.json``'s content.
+
+    The config is read from ``run_info.json`` (resolved, as the run used it), else
+    ``.hydra/config.yaml`` (interpolations resolved where they can be), else the config the
+    last checkpoint stores.
+
+    Raises:
+        UnreadableFileError: no source holds a run's config, or ``run_info.json`` is corrupt
+            (it names the file and what is wrong).
+    """
+    run = Path(run)
+    info = _read_info(run)
+    if info is not None:
+        if not isinstance(info.get("config"), dict):
+            raise UnreadableFileError(run / RUN_INFO_JSON, "not a run's info (no 'config')")
+        return info["config"], run / RUN_INFO_JSON, info
+    hydra = run / HYDRA_CONFIG
+    if hydra.exists():
+        try:
+            node = OmegaConf.load(hydra)
+            try:
+                cfg = OmegaConf.to_container(node, resolve=True)
+            except Exception:  # an interpolation only a Hydra job can resolve: keep it as text
+                cfg = OmegaConf.to_container(node, resolve=False)
+        except Exception as exc:
+            raise UnreadableFileError(hydra, f"not a YAML config ({exc})") from None
+        return dict(cfg), hydra, {}
+    ckpt = run / CHECKPOINT_DIR / LAST_CKPT
+    if ckpt.exists():
+        try:
+            stored = checkpoint_config(load_checkpoint(ckpt, "rerun the run"))
+        except CheckpointError as exc:
+            raise UnreadableFileError(ckpt, str(exc)) from None
+        if stored is not None:
+            return stored, ckpt, {}
+    raise UnreadableFileError(
+        run / RUN_INFO_JSON, f"missing (and no {HYDRA_CONFIG} or checkpoint config)"
+    )
+
+
+def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"optimizer.lr": 0.001, ...}``: one column per leaf value.
+
+    Lists become text (``"[128, 64]"``) so that they can be grouped by; empty mappings, and the
+    ``callbacks``, ``logger``, ``run_dir`` and ``hydra`` subtrees at the top, are left out.
+
+    >>> flatten_config({"optimizer": {"lr": 0.1, "betas": [0.9, 0.99]}, "logger": {"csv": {}}})
+    {'optimizer.lr': 0.1, 'optimizer.betas': '[0.9, 0.99]'}
+    """
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if not prefix and key in _SKIP_CONFIG:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(list(value), default=str)
+        else:
+            out[name] = value
+    return out
+
+
+def run_meta(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run-level columns of ``run`` (:data:`META_COLUMNS`, then the flattened config),
+    and ``run_info.json``'s content (``{}`` without one).
+
+    Raises:
+        UnreadableFileError: no readable config, or one without ``data``, ``model``, ``init``
+            or ``seed``.
+    """
+    cfg, source, info = run_config(run)
     try:
-        if not (run / METRICS_CSV).exists():
-            problems.append(f"{METRICS_CSV} missing")
-        fm = final_metrics(run, info.get("final_metrics") or {})
+        model = (
+            info.get("model_name")
+            or (cfg["model"].get("name") if "name" in cfg["model"] else None)
+            or short_name(cfg["model"]["_target_"])
+        )
+        opt = cfg.get("optimizer") or {}
+        status = read_status(run) or {}
+        gen = info.get("generator") or {}
+        meta: dict[str, Any] = {
+            "run": str(run),
+            "label": "",
+            "run_name": cfg.get("run_name") or run.name,
+            "status": status.get("state", "missing"),
+            "config_sha256": status.get("config_sha256"),
+            "init_fingerprint": gen.get("fingerprint"),
+            "generator_version": gen.get("version"),
+            "config_source": source.relative_to(run).as_posix(),
+            "data": cfg["data"]["name"],
+            "model": model,
+            "optimizer": short_name(opt["_target_"]) if "_target_" in opt else None,
+            "init": _init_label(cfg["init"]),
+            "seed": cfg["seed"],
+        }
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UnreadableFileError(source, f"not a run's info (no {exc})") from None
+    meta.update(flatten_config(cfg))
+    return meta, info
+
+
+def _tensorboard_metrics(run: Path) -> pd.DataFrame | None:
+    """Per-epoch train/val/test metrics from the TensorBoard event files below ``run`` (a run
+    logged with ``logger=tensorboard`` only has no ``metrics.csv``); ``None`` if none."""
+    files = sorted(run.rglob("events.out.tfevents.*"))
+    if not files:
+        return None
+    # Lazy: tensorboard is optional and slow to import; only TensorBoard-only runs need it.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows: dict[tuple[str, int], dict[str, float]] = {}
+    for f in files:
+        try:
+            acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+            acc.Reload()
+            tags = set(acc.Tags().get("scalars", []))
+        except Exception as exc:
+            raise UnreadableFileError(f, f"not a TensorBoard event file ({exc})") from None
+        if "epoch" not in tags:
+            continue
+        epoch_at = {e.step: int(e.value) for e in acc.Scalars("epoch")}  # Lightning logs it
+        for key in SUMMARY_KEYS:
+            if key in tags:
+                for e in acc.Scalars(key):
+                    if e.step in epoch_at:
+                        rows.setdefault((f.name, e.step), {"epoch": epoch_at[e.step]})[key] = (
+                            e.value
+                        )
+    if not rows:
+        return None
+    return pd.DataFrame(list(rows.values()))
+
+
+def _mlflow_metrics(run: Path) -> pd.DataFrame | None:
+    """Per-epoch train/val/test metrics from MLflow's file store below ``run``
+    (``mlruns/<experiment>/<run>/metrics/<key>``: lines of ``timestamp value step``), for a
+    run logged with ``logger=mlflow`` only; ``None`` if there is none."""
+    rows: dict[tuple[str, int], dict[str, float]] = {}
+    for epoch_file in sorted(run.glob("mlruns/*/*/metrics/epoch")):
+        metrics = epoch_file.parent
+
+        def points(path: Path) -> list[tuple[float, int]]:
+            try:
+                out = []
+                for line in path.read_text().splitlines():
+                    _, value, step = line.split()
+                    out.append((float(value), int(step)))
+                return out
+            except (OSError, ValueError) as exc:
+                raise UnreadableFileError(path, f"not an MLflow metric file ({exc})") from None
+
+        epoch_at = {step: int(value) for value, step in points(epoch_file)}
+        for key in SUMMARY_KEYS:
+            path = metrics / key
+            if path.is_file():
+                for value, step in points(path):
+                    if step in epoch_at:
+                        rows.setdefault((str(metrics), step), {"epoch": epoch_at[step]})[key] = (
+                            value
+                        )
+    return pd.DataFrame(list(rows.values())) if rows else None
+
+
+def epoch_metrics(run: Path) -> pd.DataFrame | None:
+    """The run's train/val/test metrics, one row per epoch (``epoch`` plus the
+    :data:`SUMMARY_KEYS` it logged), from ``metrics.csv`` or, without one, TensorBoard's
+    event files or MLflow's file store. ``None`` if the run has none of them (a W&B-only run:
+    its history is only in ``wandb/*.wandb``, which cannot be read offline).
+
+    Lightning logs the test after the last epoch with ``epoch`` one past it; its row is put on
+    the last training epoch (the weights it measured).
+
+    Raises:
+        UnreadableFileError: the file cannot be parsed or holds text where numbers belong.
+    """
+    path = run / METRICS_CSV
+    if path.exists():
+        df = read_csv(path)
+    else:
+        df = _tensorboard_metrics(run)
+        if df is None:
+            df = _mlflow_metrics(run)
+        if df is None:
+            return None
+        path = run
+    if "epoch" not in df:
+        raise UnreadableFileError(path, "corrupt (no 'epoch' column)")
+    keys = [k for k in SUMMARY_KEYS if k in df]
+    try:
+        df = df[["epoch", *keys]].apply(pd.to_numeric, errors="raise")
+    except (TypeError, ValueError) as exc:  # text where numbers belong
+        raise UnreadableFileError(path, f"corrupt values ({exc})") from None
+    df = df.dropna(subset=["epoch"]).astype({"epoch": int})
+    fit = [k for k in keys if not k.startswith("test/")]
+    fitted = df.dropna(subset=fit, how="all")["epoch"] if fit else df["epoch"].iloc[:0]
+    if len(fitted):
+        df.loc[df["epoch"] > fitted.max(), "epoch"] = int(fitted.max())
+    if not keys:
+        return pd.DataFrame(columns=["epoch"])
+    return df.groupby("epoch", as_index=False)[keys].last()  # last non-null value per epoch
+
+
+def _layers_long(ld: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``layer_changes.csv`` in long form: one row per epoch x parameter x threshold."""
+    need = {"epoch", "name", "numel", "mean_delta", "max_delta"}
+    cols = [c for c in ld.columns if str(c).startswith("awake_pct@")]
+    if not need <= set(ld.columns) or not cols:
+        missing = sorted(need - set(ld.columns)) or ["awake_pct@<t>"]
+        raise UnreadableFileError(path, f"corrupt (no {', '.join(missing)} column)")
+    try:
+        long = ld.melt(
+            id_vars=sorted(need), value_vars=cols, var_name="threshold", value_name="awake_pct"
+        )
+        long["threshold"] = long["threshold"].str.split("@").str[1].astype(float)
+        long["awake_pct"] = long["awake_pct"].astype(float)
+        long["epoch"] = long["epoch"].astype(int)
+    except (TypeError, ValueError) as exc:
+        raise UnreadableFileError(path, f"corrupt values ({exc})") from None
+    long = long.rename(columns={"name": "param"})
+    long["sleeping_pct"] = 100.0 - long["awake_pct"]
+    long.insert(1, "epoch_label", long["epoch"].map(epoch_label))
+    order = ["epoch", "epoch_label", "param", "numel", "threshold", "awake_pct", "sleeping_pct"]
+    return long[[*order, "mean_delta", "max_delta"]].sort_values(
+        ["epoch", "threshold"], kind="stable", ignore_index=True
+    )
+
+
+def _prune_files(run: Path) -> list[tuple[str, Path]]:
+    """``(source, prune_results.csv)``: the run's own (``train``), then each complete
+    ``cdi-prune`` invocation's (``prune/<name>/``, with its ``DONE`` marker)."""
+    out = [("train", run / PRUNE_CSV)] if (run / PRUNE_CSV).exists() else []
+    for sub in sorted((run / PRUNE_DIR).glob(f"*/{PRUNE_CSV}")):
+        if (sub.parent / PRUNE_DONE).exists():
+            out.append((sub.parent.name, sub))
+    return out
+
+
+def _prune_long(pdf: pd.DataFrame, source: str, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One ``prune_results.csv`` as (variants in long form, ``layer_sparsity`` in long form)."""
+    need = {"criterion", "target", "sparsity", "acc_before", "acc_after"}
+    if not need <= set(pdf.columns):
+        raise UnreadableFileError(path, f"corrupt (no {', '.join(sorted(need - set(pdf)))})")
+    ids = ["criterion", "target", "sparsity", "num_pruned", "acc_before"]
+    ids = [c for c in ids if c in pdf]
+    variants = [c for c in PRUNE_VARIANTS if c in pdf]
+    try:
+        long = pdf.melt(id_vars=ids, value_vars=variants, var_name="variant", value_name="acc")
+        long["variant"] = long["variant"].map(PRUNE_VARIANTS)
+        long["acc"] = long["acc"].astype(float)
+        layer_rows = []
+        if "layer_sparsity" in pdf:
+            for r in pdf.itertuples():
+                if isinstance(r.layer_sparsity, str):
+                    for param, share in json.loads(r.layer_sparsity).items():
+                        layer_rows.append(
+                            {
+                                "criterion": r.criterion,
+                                "target": r.target,
+                                "param": param,
+                                "layer_sparsity": float(share),
+                            }
+                        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UnreadableFileError(path, f"corrupt values ({exc})") from None
+    long.insert(0, "source", source)
+    layers = pd.DataFrame(layer_rows, columns=["criterion", "target", "param", "layer_sparsity"])
+    layers.insert(0, "source", source)
+    return long.dropna(subset=["acc"]), layers
+
+
+def _tensorboard_histograms(run: Path) -> pd.DataFrame | None:
+    """The weight histograms a TensorBoard logger wrote below ``run`` (``weights/<tensor>`` at
+    step ``epoch + 1``), as ``epoch, name, low, high, count`` rows; ``None`` if there are none.
+    TensorBoard stores right bucket edges: a bucket's left edge is the previous one's right
+    edge (the first one's: the minimum)."""
+    files = sorted(run.rglob("events.out.tfevents.*"))
+    if not files:
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = []
+    for f in files:
+        try:
+            acc = EventAccumulator(str(f), size_guidance={"histograms": 0, "scalars": 1})
+            acc.Reload()
+            tags = [t for t in acc.Tags().get("histograms", []) if t.startswith("weights/")]
+            for tag in tags:
+                for event in acc.Histograms(tag):
+                    h = event.histogram_value
+                    low = h.min
+                    for high, count in zip(h.bucket_limit, h.bucket, strict=True):
+                        if count:
+                            rows.append(
+                                {
+                                    "epoch": int(event.step) - 1,
+                                    "name": tag.removeprefix("weights/"),
+                                    "low": float(max(low, h.min)),
+                                    "high": float(min(high, h.max)),
+                                    "count": int(count),
+                                }
+                            )
+                        low = high
+        except Exception as exc:  # a truncated or foreign event file
+            raise UnreadableFileError(f, f"not a TensorBoard event file ({exc})") from None
+    return pd.DataFrame(rows) if rows else None
+
+
+def _histograms(run: Path) -> list[pd.DataFrame]:
+    """The run's histograms with a ``kind`` column: ``abs_delta`` (``delta_histograms.csv``)
+    and ``weight`` (``weight_histograms.csv``, else the TensorBoard logger's ``weights/``
+    histograms).
+
+    Raises:
+        UnreadableFileError: a histogram file that cannot be parsed.
+    """
+    out = []
+    for kind, name in (("abs_delta", DELTA_HIST_CSV), ("weight", WEIGHT_HIST_CSV)):
+        path = run / name
+        h = None
+        if path.exists():
+            h = read_csv(path)
+            if not {"epoch", "name", "low", "high", "count"} <= set(h.columns):
+                raise UnreadableFileError(path, "corrupt (needs epoch, name, low, high, count)")
+        elif kind == "weight":
+            h = _tensorboard_histograms(run)
+        if h is not None:
+            h = h.rename(columns={"name": "param"})
+            h.insert(0, "kind", kind)
+            h.insert(2, "epoch_label", h["epoch"].map(epoch_label))
+            out.append(h)
+    return out
+
+
+@dataclass
+class _RunFrames:
+    meta: dict[str, Any]
+    row: dict[str, Any]
+    frames: dict[str, list[pd.DataFrame]] = field(default_factory=dict)
+
+
+def _read_run(run: Path) -> _RunFrames:
+    """Everything one run's files say. A missing or corrupt metrics, layer, prune or histogram
+    file is named in ``row["problems"]``; the rest is still read.
+
+    Raises:
+        UnreadableFileError: no readable config (the run is left out of the report).
+    """
+    meta, info = run_meta(run)
+    problems: list[str] = []
+    frames: dict[str, list[pd.DataFrame]] = {
+        k: [] for k in ("layers", "epochs", "prune", "prune_layers", "histograms")
+    }
+
+    def problem(exc: UnreadableFileError) -> None:
+        name = exc.path.relative_to(run).as_posix() if exc.path.is_relative_to(run) else exc.path
+        problems.append(f"{name} {exc.problem}".strip())
+
+    row: dict[str, Any] = {"epochs": (meta.get("trainer.max_epochs"))}
+    em = None
+    try:
+        em = epoch_metrics(run)
+        if em is None:
+            hint = ""
+            if (run / WANDB_DIR).is_dir():
+                hint = (
+                    " (a W&B-only run: its history is only in wandb/*.wandb, which cannot be "
+                    "read offline; add logger=csv)"
+                )
+            problems.append(f"{METRICS_CSV} missing{hint}")
     except UnreadableFileError as exc:
-        problems.append(f"{exc.path.name} {exc.problem}")
-        fm = {k: float(v) for k, v in (info.get("final_metrics") or {}).items()}
+        problem(exc)
+    fm = {k: float(v) for k, v in (info.get("final_metrics") or {}).items() if k in SUMMARY_KEYS}
+    if em is not None and len(em):
+        frames["epochs"].append(em.assign(epoch_label=em["epoch"].map(epoch_label)))
+        for key in SUMMARY_KEYS:
+            if key in em and em[key].notna().any():
+                fm[key] = float(em[key].dropna().iloc[-1])
+        if "train/acc" in em and em["train/acc"].notna().any():
+            row["epochs"] = int(em.loc[em["train/acc"].notna(), "epoch"].max()) + 1
     for key in ("train/acc", "val/acc", "test/acc", "test/loss"):
         if key in fm:
             row[key] = fm[key]
-    layers = run / LAYERS_CSV
+    path = run / LAYERS_CSV
     try:
-        if layers.exists():
-            ld = read_csv(layers)
-            last = ld[(ld["epoch"] == ld["epoch"].max()) & (ld["name"] == "all")]
-            for c in last.columns:
-                if c.startswith("awake_pct@"):
-                    row[c.replace("awake_pct", "awake_all")] = float(last[c].iloc[0])
+        if path.exists():
+            long = _layers_long(read_csv(path), path)
+            if em is not None and len(em):
+                fit = [k for k in em.columns if k in SUMMARY_KEYS and not k.startswith("test/")]
+                long = long.merge(em[["epoch", *fit]], on="epoch", how="left")
+            frames["layers"].append(long)
+            last = long[(long["epoch"] == long["epoch"].max()) & (long["param"] == "all")]
+            for t, v in zip(last["threshold"], last["awake_pct"], strict=True):
+                row[f"awake_all@{t:g}"] = float(v)
     except UnreadableFileError as exc:
-        problems.append(f"{LAYERS_CSV} {exc.problem}")
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        problems.append(f"{LAYERS_CSV} corrupt ({type(exc).__name__}: {exc})")
-    prune = run / PRUNE_CSV
-    try:
-        if prune.exists():
-            pdf = read_csv(prune)
-            for r in pdf.itertuples():
-                if str(r.target).startswith("matched"):
-                    row[f"prune_{r.criterion}_acc_after"] = r.acc_after
+        problem(exc)
+    for source, path in _prune_files(run):
+        try:
+            long, layers = _prune_long(read_csv(path), source, path)
+            frames["prune"].append(long)
+            frames["prune_layers"].append(layers)
+            if source == "train":
+                matched = long[long["target"].astype(str).str.startswith("matched")]
+                for r in matched.itertuples():
+                    suffix = {"one-shot": "", "fine-tuned": "_finetuned", "rewound": "_rewound"}
+                    row[f"prune_{r.criterion}_acc_after{suffix[r.variant]}"] = r.acc
                     row["prune_sparsity"] = r.sparsity
+        except UnreadableFileError as exc:
+            problem(exc)
+    try:
+        frames["histograms"].extend(_histograms(run))
     except UnreadableFileError as exc:
-        problems.append(f"{PRUNE_CSV} {exc.problem}")
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        problems.append(f"{PRUNE_CSV} corrupt ({type(exc).__name__}: {exc})")
+        problem(exc)
     row["problems"] = "; ".join(problems)
-    return row
+    for frame_list in frames.values():
+        for f in frame_list:
+            f.insert(0, "run", str(run))
+    return _RunFrames(meta, row, frames)
 
 
-def _labels(table: pd.DataFrame) -> list[str]:
-    """Short, unique run labels: ``model data init sN`` (+ the directory name if needed)."""
-    base = [f"{r.model} {r.data} {r.init} s{r.seed}" for r in table.itertuples()]
+# ----------------------------------------------------------------------------- many runs
+
+
+@dataclass
+class Runs:
+    """Every reported run as tidy frames (:func:`load_runs`); each frame starts with the
+    run-level columns (:data:`META_COLUMNS`, then the flattened config, ``config_columns``)."""
+
+    runs: pd.DataFrame
+    layers: pd.DataFrame
+    epochs: pd.DataFrame
+    prune: pd.DataFrame
+    prune_layers: pd.DataFrame
+    histograms: pd.DataFrame
+    left_out: list[LeftOut] = field(default_factory=list)
+    config_columns: list[str] = field(default_factory=list)
+
+    FRAMES = ("layers", "epochs", "prune", "prune_layers", "histograms")
+
+    def varying(self) -> list[str]:
+        """The config columns whose value differs between runs (the swept ones), without
+        ``seed``, what follows it (``data.seed: ${seed}``) and ``run_name``: seeds are what
+        :func:`aggregate` and the figures' bands average over."""
+        return swept_columns(self.runs, self.config_columns)
+
+
+def swept_columns(table: pd.DataFrame, config_columns: Sequence[str]) -> list[str]:
+    """The columns of ``config_columns`` whose value differs between the rows of ``table``
+    (one per run), except ``seed``, columns equal to it on every run, and ``run_name``."""
+    if table.empty or "seed" not in table:
+        return []
+    seed = table["seed"].astype(str)
+    out = []
+    for c in config_columns:
+        if c in ("seed", "run_name") or c not in table:
+            continue
+        values = table[c].astype(str)
+        if values.nunique(dropna=False) > 1 and not values.equals(seed):
+            out.append(c)
+    return out
+
+
+def _labels(table: pd.DataFrame, swept: Sequence[str] = ()) -> list[str]:
+    """Short, unique run labels: ``model data init sN``, then the swept values
+    (``lr=0.01``: the last part of each varying config key), then the directory name where
+    that is still not unique."""
+    base = []
+    for _, r in table.iterrows():
+        extra = " ".join(f"{c.rsplit('.', 1)[-1]}={r[c]}" for c in swept)
+        base.append(
+            f"{r['model']} {r['data']} {r['init']} s{r['seed']}" + (f" {extra}" * bool(extra))
+        )
     counts = {b: base.count(b) for b in base}
     return [
         b if counts[b] == 1 else f"{b} ({Path(run).name})"
@@ -291,36 +762,66 @@ def _labels(table: pd.DataFrame) -> list[str]:
     ]
 
 
-def collect_all(
-    roots: Iterable[Path], finished_only: bool = True
-) -> tuple[pd.DataFrame, list[LeftOut]]:
-    """``runs.csv``'s table for the runs below ``roots``, and the runs left out.
+def load_runs(roots: Iterable[Path], finished_only: bool = True) -> Runs:
+    """Read every run below ``roots`` into tidy frames.
 
     Args:
-        roots: Folders holding runs (at any depth).
-        finished_only: Report only runs whose ``status.json`` says ``finished``. (``cdi-train``
-            draws a run's own figures before it writes that, with ``False``.)
+        roots: Run directories, sweep directories, or folders holding them at any depth.
+        finished_only: Read only runs whose ``status.json`` says ``finished`` (``cdi-train``
+            draws a run's own figures before it writes that, with ``False``).
 
     Returns:
-        The table (empty if no run could be read; a ``problems`` column only when some run has
-        a missing or corrupt file) and, for each run left out, the file that says why.
+        :class:`Runs`; runs not finished, or without a readable config, are in ``left_out``
+        with the file that says why. Frames are empty (no columns) when no run has that file.
     """
-    rows, left_out = [], []
+    read: list[_RunFrames] = []
+    left_out: list[LeftOut] = []
     for run in find_runs(roots):
         why = not_finished(run) if finished_only else None
         if why is not None:
             left_out.append(why)
             continue
         try:
-            rows.append(run_row(run))
+            read.append(_read_run(run))
         except UnreadableFileError as exc:
             left_out.append(LeftOut(run, exc.path, exc.problem))
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        table.insert(1, "label", _labels(table))
+    meta = pd.DataFrame([r.meta for r in read])
+    config_columns: list[str] = []
+    if not meta.empty:
+        config_columns = [c for c in meta.columns if c not in META_COLUMNS]
+        config_columns = ["seed", *sorted(config_columns)]
+        swept = [
+            c
+            for c in swept_columns(meta, config_columns)
+            if c not in ("init.scheme", "data.name", "optimizer._target_")
+        ]
+        if "optimizer._target_" in meta and meta["optimizer._target_"].nunique() > 1:
+            swept.insert(0, "optimizer")  # its short name (adam, sgd), not the class path
+        meta["label"] = _labels(meta, swept)
+        meta = meta[[*META_COLUMNS, *config_columns[1:]]]
+    frames: dict[str, pd.DataFrame] = {}
+    for name in Runs.FRAMES:
+        parts = [f for r in read for f in r.frames[name] if len(f)]
+        frames[name] = (
+            meta.merge(pd.concat(parts, ignore_index=True), on="run") if parts else (pd.DataFrame())
+        )
+    table = pd.DataFrame()
+    if read:
+        rows = pd.DataFrame([{"run": r.meta["run"], **r.row} for r in read])
+        lead = meta[[*META_COLUMNS]]
+        table = lead.merge(rows, on="run").merge(meta[["run", *config_columns[1:]]], on="run")
         if not table["problems"].astype(bool).any():
             table = table.drop(columns=["problems"])
-    return table, left_out
+    return Runs(table, **frames, left_out=left_out, config_columns=config_columns)
+
+
+def collect_all(
+    roots: Iterable[Path], finished_only: bool = True
+) -> tuple[pd.DataFrame, list[LeftOut]]:
+    """``runs.csv``'s table for the runs below ``roots``, and the runs left out
+    (:func:`load_runs`' ``runs`` and ``left_out``)."""
+    runs = load_runs(roots, finished_only)
+    return runs.runs, runs.left_out
 
 
 def collect(roots: Iterable[Path], finished_only: bool = True) -> pd.DataFrame:
@@ -331,261 +832,138 @@ def collect(roots: Iterable[Path], finished_only: bool = True) -> pd.DataFrame:
     return table
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label).strip("_")
-
-
-def _threshold_column(columns: Iterable[str], threshold: float) -> str | None:
-    """The ``awake_pct@t`` column closest to ``threshold`` (exact when it was tracked)."""
-    cols = [c for c in columns if c.startswith("awake_pct@")]
-    if not cols:
-        return None
-    return min(
-        cols,
-        key=lambda c: abs(math.log10(float(c.split("@")[1]) or 1e-300) - math.log10(threshold)),
-    )
-
-
-# Overlapping lines stay visible: runs or layers with equal values (a dead network's layers
-# all at 0%) differ in marker and dash, not only in colour.
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
-_DASHES = ("-", "--", ":", "-.")
-
-
-def _style(k: int) -> dict[str, Any]:
-    return {"marker": _MARKERS[k % len(_MARKERS)], "linestyle": _DASHES[k % len(_DASHES)]}
-
-
-def _save(plt, fig, path: Path, dpi: int) -> None:
-    """Write ``fig`` as a PNG atomically (a full disk leaves no half-written figure) and close
-    it. Raises :class:`~cdi_experiments.paths.DiskFullError` when the disk is full."""
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    finally:
-        plt.close(fig)
-
-
-def _awake_all_figure(
-    plt, runs: list[Path], labels: list[str], threshold: float, path: Path
-) -> bool:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    drawn = 0
-    shown: set[str] = set()
-    for run, label in zip(runs, labels, strict=True):
-        ld = _try_csv(run / LAYERS_CSV)
-        if ld is None or "name" not in ld or "epoch" not in ld:
+def value_columns(frame: pd.DataFrame, by: Sequence[str] = ()) -> list[str]:
+    """The measured columns of a tidy frame: numeric, not in ``by``, not run-level
+    (:data:`META_COLUMNS`, dotted config names) and not a row index (:data:`INDEX_COLUMNS`)."""
+    out = []
+    for c in frame.columns:
+        c = str(c)
+        if c in by or c in META_COLUMNS or c in INDEX_COLUMNS or c == "epochs":
             continue
-        col = _threshold_column(ld.columns, threshold)
-        if col is None:
+        if "." in c and "@" not in c:  # a config column such as optimizer.lr
             continue
-        shown.add(col.split("@")[1])
-        allr = ld[ld["name"] == "all"].sort_values("epoch")
-        ax.plot(allr["epoch"] + 1, allr[col], label=label, alpha=0.85, **_style(drawn))
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.set_xlabel("epoch (0 = initial weights)")
-    ax.set_ylabel("awakened weights, % of all tracked")
-    ax.set_title(
-        f"Share of weights that moved from their initial value: |w - w0| > {', '.join(sorted(shown))}"
-    )
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylim(-3, 103)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="run")
-    fig.tight_layout()
-    _save(plt, fig, path, dpi=120)
-    return True
+        if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c]):
+            out.append(c)
+    return out
 
 
-def _layers_figure(plt, run: Path, label: str, threshold: float, path: Path) -> bool:
-    """Three panels per run: awakened share per layer at ``threshold``; the whole network's
-    awakened share at every tracked threshold; mean ``|w - w0|`` per layer (log scale)."""
-    ld = _try_csv(run / LAYERS_CSV)
-    if ld is None or not {"name", "epoch", "mean_delta"} <= set(ld.columns):
-        return False
-    col = _threshold_column(ld.columns, threshold)
-    if col is None:
-        return False
-    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4.4))
-    for k, (name, g) in enumerate(ld.groupby("name", sort=False)):
-        g = g.sort_values("epoch")
-        style = (
-            {"color": "black", "linewidth": 2.2, "marker": "o", "linestyle": "-"}
-            if name == "all"
-            else _style(k)
-        )
-        left.plot(g["epoch"] + 1, g[col], label=name, alpha=0.85, **style)
-        moved = g[g["epoch"] >= 0]
-        right.plot(moved["epoch"] + 1, moved["mean_delta"], label=name, alpha=0.85, **style)
-    allr = ld[ld["name"] == "all"].sort_values("epoch")
-    cols = sorted(
-        (c for c in ld.columns if c.startswith("awake_pct@")), key=lambda c: float(c.split("@")[1])
-    )
-    for k, c in enumerate(cols):
-        mid.plot(allr["epoch"] + 1, allr[c], label=f"> {c.split('@')[1]}", **_style(k))
-    left.set_title(f"per layer: |w - w0| > {col.split('@')[1]}")
-    left.set_ylabel("awakened weights, %")
-    mid.set_title("whole network, per threshold")
-    mid.set_ylabel("awakened weights, %")
-    right.set_title("per layer: mean |w - w0|")
-    right.set_ylabel("mean |w - w0| (log scale)")
-    right_label = "epoch"
-    if (ld["mean_delta"] > 0).any():
-        right.set_yscale("log")  # a log axis cannot show 0: name the tensors that never moved
-        trained = ld[ld["epoch"] >= 0]
-        still = [n for n, g in trained.groupby("name", sort=False) if (g["mean_delta"] == 0).all()]
-        if still:
-            right_label = "epoch\n" + textwrap.fill(
-                "never moved, not drawn: " + ", ".join(still), width=60
-            )
-    for ax in (left, mid):
-        ax.set_ylim(-3, 103)
-        ax.set_xlabel("epoch (0 = initial weights)")
-    right.set_xlabel(right_label)
-    for ax in (left, mid, right):
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-    left.legend(fontsize=7, loc="best", title="tensor")
-    mid.legend(fontsize=7, loc="best", title="threshold")
-    fig.suptitle(f"{label}: which weights moved from their initial values")
-    fig.tight_layout()
-    _save(plt, fig, path, dpi=110)
-    return True
+def aggregate(
+    frame: pd.DataFrame, by: Sequence[str], values: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Mean, std and count over the rows that share ``by`` (over seeds, when ``by`` holds
+    everything else that differs between runs).
 
-
-def _prune_curve_figure(plt, run: Path, label: str, path: Path) -> bool:
-    """Accuracy after pruning against sparsity, one curve per criterion (target-sparsity rows
-    plus the matched point); the sleeping mask as a star."""
-    df = _try_csv(run / PRUNE_CSV)
-    if df is None or df.empty or not {"criterion", "sparsity", "acc_after"} <= set(df.columns):
-        return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    before = float(df["acc_before"].iloc[0])
-    for crit, g in df[df["criterion"] != "sleeping"].groupby("criterion", sort=False):
-        g = g.sort_values("sparsity")
-        xs = [0.0, *(100 * g["sparsity"])]
-        ys = [before, *g["acc_after"]]
-        ax.plot(xs, ys, marker="o", label=crit)
-    sleeping = df[df["criterion"] == "sleeping"]
-    if len(sleeping):
-        r = sleeping.iloc[0]
-        ax.plot(
-            [100 * r["sparsity"]],
-            [r["acc_after"]],
-            marker="*",
-            markersize=14,
-            linestyle="none",
-            color="black",
-            label=f"sleeping ({r['target']})",
-        )
-    ax.axhline(before, color="grey", linestyle="--", linewidth=1, label="unpruned")
-    ax.set_xlabel("pruned weights, % of prunable")
-    ax.set_ylabel("test accuracy after pruning (no fine-tuning)")
-    ax.set_title(f"Accuracy against sparsity per criterion\n{label}")
-    ax.set_xlim(-2, 102)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    _save(plt, fig, path, dpi=120)
-    return True
-
-
-def _prune_bars_figure(plt, table: pd.DataFrame, path: Path) -> bool:
-    acc_cols = [c for c in table.columns if c.startswith("prune_") and c.endswith("_acc_after")]
-    if not acc_cols or "test/acc" not in table:
-        return False
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(table) + 4), 4.8))
-    width = 0.8 / (len(acc_cols) + 1)
-    xs = list(range(len(table)))
-    ax.bar([x - 0.4 + width / 2 for x in xs], table["test/acc"], width, label="unpruned")
-    for k, c in enumerate(acc_cols, start=1):
-        offs = [x - 0.4 + width / 2 + k * width for x in xs]
-        ax.bar(offs, table[c], width, label=c[len("prune_") : -len("_acc_after")])
-    ticks = list(table["label"])
-    if "prune_sparsity" in table:
-        ticks = [
-            f"{t}\n{100 * s:.3g}% pruned" if pd.notna(s) else t
-            for t, s in zip(ticks, table["prune_sparsity"], strict=True)
-        ]
-    ax.set_xticks(xs, ticks, fontsize=7)
-    ax.set_ylabel("test accuracy after pruning")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Pruning as many weights per layer as the sleeping mask (|w - w0| <= t)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="criterion")
-    fig.tight_layout()
-    _save(plt, fig, path, dpi=120)
-    return True
-
-
-def make_figures(
-    table: pd.DataFrame, out: Path, threshold: float = DEFAULT_THRESHOLD
-) -> list[Path]:
-    """Draw every figure for the runs of ``table`` (from :func:`collect`) under ``out``.
+    Args:
+        frame: A tidy frame (:class:`Runs`).
+        by: The columns to group by, e.g. ``["optimizer", "optimizer.lr"]``; rows with a
+            missing key form their own group.
+        values: The columns to aggregate; ``None``: :func:`value_columns`.
 
     Returns:
-        The PNG files written.
+        One row per group: ``by``, ``n_runs`` (distinct runs), then ``<v>_mean``,
+        ``<v>_std`` (sample std, NaN for one value) and ``<v>_count`` (non-missing values) per
+        value column.
+
+    Raises:
+        ReportError: a ``by`` or ``values`` column the frame does not have (one line, naming
+            the columns it has).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    runs = [Path(r) for r in table["run"]]
-    labels = list(table["label"])
-    written: list[Path] = []
-    p = out / "awake_per_epoch.png"
-    if _awake_all_figure(plt, runs, labels, threshold, p):
-        written.append(p)
-    p = out / "prune_accuracy.png"
-    if _prune_bars_figure(plt, table, p):
-        written.append(p)
-    per_run = out / "runs"
-    per_run.mkdir(exist_ok=True)
-    for run, label in zip(runs, labels, strict=True):
-        p = per_run / f"{_slug(label)}_layers.png"
-        if _layers_figure(plt, run, label, threshold, p):
-            written.append(p)
-        p = per_run / f"{_slug(label)}_prune.png"
-        if _prune_curve_figure(plt, run, label, p):
-            written.append(p)
-    return written
+    by = list(by)
+    if not by:
+        raise ReportError("--group-by needs at least one column, e.g. --group-by init,data")
+    for c in [*by, *(values or [])]:
+        if c not in frame.columns:
+            known = [str(k) for k in frame.columns if k != "run"]
+            near = [k for k in known if k.endswith(f".{c}")]
+            near += [k for k in difflib.get_close_matches(c, known, n=3) if k not in near]
+            hint = f"did you mean {', '.join(map(repr, near))}? " if near else ""
+            shown = ", ".join(known[:30]) + (", ..." if len(known) > 30 else "")
+            raise ReportError(
+                f"--group-by column {c!r} is not in the table; {hint}columns: {shown}"
+            )
+    values = list(values) if values is not None else value_columns(frame, by)
+    grouped = frame.groupby(by, dropna=False, sort=True)
+    stats = grouped[values].agg(["mean", "std", "count"]) if values else None
+    out = grouped["run"].nunique().rename("n_runs").to_frame() if "run" in frame else None
+    if out is None:
+        out = grouped.size().rename("n_runs").to_frame()
+    if stats is not None:
+        stats.columns = [f"{v}_{s}" for v, s in stats.columns]
+        out = out.join(stats)
+    return out.reset_index()
 
 
-def run_figures(run_dir: Path, threshold: float = DEFAULT_THRESHOLD) -> list[Path]:
-    """The figures of one run, into ``<run_dir>/figures`` (called by ``cdi-train`` before it
-    marks the run finished)."""
-    table, _ = collect_all([Path(run_dir)], finished_only=False)
-    if table.empty:  # no run_info.json (yet): label the run by its directory
-        table = pd.DataFrame([{"run": str(run_dir), "label": Path(run_dir).name}])
-        metrics = _try_csv(Path(run_dir) / METRICS_CSV)
-        if metrics is not None and "test/acc" in metrics and metrics["test/acc"].notna().any():
-            table["test/acc"] = float(metrics["test/acc"].dropna().iloc[-1])
-    return make_figures(table, Path(run_dir) / FIGURE_DIR, threshold)
+def mean_std_text(grouped: pd.DataFrame, floatfmt: str = "{:.4g}") -> pd.DataFrame:
+    """:func:`aggregate`'s table for reading: each ``<v>_mean``/``_std``/``_count`` triple as
+    one column ``v`` of text ``"mean ± std"`` (just the mean for a single value), the group
+    columns and ``n_runs`` as they are.
+
+    >>> g = pd.DataFrame({"init": ["he"], "n_runs": [3], "acc_mean": [0.9], "acc_std": [0.01],
+    ...                   "acc_count": [3]})
+    >>> mean_std_text(g).to_dict("records")
+    [{'init': 'he', 'n_runs': 3, 'acc': '0.9 ± 0.01'}]
+    """
+    out = pd.DataFrame(index=grouped.index)
+    for c in grouped.columns:
+        c = str(c)
+        if c.endswith("_mean") and f"{c[:-5]}_std" in grouped:
+            v = c[:-5]
+            out[v] = [
+                "--"
+                if pd.isna(m)
+                else floatfmt.format(m) + ("" if pd.isna(sd) else f" ± {floatfmt.format(sd)}")
+                for m, sd in zip(grouped[c], grouped[f"{v}_std"], strict=True)
+            ]
+        elif not c.endswith(("_std", "_count")):
+            out[c] = grouped[c]
+    return out
 
 
-# ----------------------------------------------------------------------------- cdi-report
+# ----------------------------------------------------------------------------- writing
 
 
-class ReportError(ValueError):
-    """Bad input to :func:`write_report`: a missing folder, a file as ``out``, no runs."""
+def latex_table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    """``frame`` as a LaTeX ``tabular`` (booktabs rules: ``\\usepackage{booktabs}``), text
+    escaped, ``±`` as ``$\\pm$``, missing values as ``--``."""
+    latex = frame.to_latex(
+        index=False, escape=True, na_rep="--", float_format=lambda v: floatfmt.format(v)
+    )
+    return latex.replace("±", r"$\pm$")
 
 
-@dataclass
-class Report:
-    """What :func:`write_report` wrote, and the runs it left out."""
+def write_tables(
+    frame: pd.DataFrame,
+    stem: Path,
+    floatfmt: str = "{:.4g}",
+    readable: pd.DataFrame | None = None,
+) -> list[Path]:
+    """``frame`` as ``<stem>.csv`` (every digit), and ``readable`` (default: ``frame``) as
+    ``<stem>.md`` and ``<stem>.tex`` (numbers as ``floatfmt``), each written atomically.
 
-    out: Path
-    table: pd.DataFrame
-    figures: list[Path] = field(default_factory=list)
-    left_out: list[LeftOut] = field(default_factory=list)
+    Returns:
+        The three files.
+    """
+    stem = Path(stem)
+    readable = frame if readable is None else readable
+    csv, md, tex = (stem.with_name(f"{stem.name}.{ext}") for ext in ("csv", "md", "tex"))
+    atomic_write_csv(csv, frame)
+    atomic_write_text(md, markdown_frame(readable, floatfmt=floatfmt) + "\n")
+    atomic_write_text(tex, latex_table(readable, floatfmt))
+    return [csv, md, tex]
+
+
+def table_view(runs: Runs) -> pd.DataFrame:
+    """``runs.md``'s columns: the label, what tells runs apart (the varying config columns),
+    the seed, and the final numbers."""
+    t = runs.runs
+    fixed = [c for c in ("label", "data", "model", "optimizer", "init", "seed", "epochs") if c in t]
+    swept = [c for c in runs.varying() if c not in (*fixed, "init.scheme", "data.name")]
+    numbers = [
+        c
+        for c in t.columns
+        if c in SUMMARY_KEYS or str(c).startswith(("awake_all@", "prune_")) or c == "problems"
+    ]
+    return t[[*fixed, *swept, *numbers]]
 
 
 def left_out_frame(left_out: list[LeftOut]) -> pd.DataFrame:
@@ -602,28 +980,56 @@ def default_out(roots: Iterable[Path]) -> Path:
     return Path(next(iter(roots))) / REPORT_DIR
 
 
+@dataclass
+class Report:
+    """What :func:`write_report` wrote, and the runs it left out."""
+
+    out: Path
+    table: pd.DataFrame
+    figures: list[Path] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+    grouped: pd.DataFrame | None = None
+    runs: Runs | None = None
+
+
+def run_figures(run_dir: Path, threshold: float = DEFAULT_THRESHOLD) -> list[Path]:
+    """The figures of one run, as PNGs in ``<run_dir>/figures`` (``cdi-train`` calls this
+    before it marks the run finished)."""
+    runs = load_runs([Path(run_dir)], finished_only=False)
+    if runs.runs.empty:  # no run_info.json (yet): nothing names the run
+        return []
+    return figures.run_figures(runs, Path(run_dir) / FIGURE_DIR, threshold)
+
+
 def write_report(
-    roots: Iterable[Path], out: Path | None = None, threshold: float = DEFAULT_THRESHOLD
+    roots: Iterable[Path],
+    out: Path | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    group_by: Sequence[str] | None = None,
+    draw: bool = True,
 ) -> Report:
-    """``cdi-report``'s work: collect the runs below ``roots``, write tables and figures.
+    """``cdi-report``'s work: read the runs below ``roots``, write tables and figures.
 
     Everything is checked before anything is written: on an error ``out`` is not created.
     ``out`` is locked while it is written (a second ``cdi-report`` on it gets one line naming
-    the first one's PID). Runs that did not finish, or whose ``run_info.json`` is unreadable,
-    are left out and listed (``unreadable_runs.csv`` and a section of ``runs.md``).
+    the first one's PID). Runs that did not finish, or whose config is unreadable, are left
+    out and listed (``unreadable_runs.csv`` and a section of ``runs.md``).
 
     Args:
         roots: folders holding runs (at any depth).
-        out: where ``runs.csv``, ``runs.md`` and ``figures/`` go; ``None``:
-            :func:`default_out`.
+        out: where the tables and ``figures/`` go; ``None``: :func:`default_out`.
         threshold: awakened-share threshold for the figures (the nearest tracked one is used).
+        group_by: columns of ``runs.csv`` to group by (``grouped.*``: mean, std and count of
+            every final number over the runs of each group, i.e. over seeds).
+        draw: draw the figures (``False``: tables only, in a fraction of the time).
 
     Returns:
         The :class:`Report`.
 
     Raises:
         ReportError: ``threshold`` not a number > 0, a root that is not a directory, ``out``
-            an existing file, or no finished, readable run below ``roots``.
+            an existing file, no finished, readable run below ``roots``, or a ``group_by``
+            column that ``runs.csv`` lacks.
         RunLockedError: another process is writing ``out``.
         DiskFullError: the disk filled up while writing (nothing half-written is left).
     """
@@ -638,7 +1044,8 @@ def write_report(
     out = Path(out) if out is not None else default_out(roots)
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; pass a directory")
-    table, left_out = collect_all(roots)
+    runs = load_runs(roots)
+    table, left_out = runs.runs, runs.left_out
     where = ", ".join(map(str, roots))
     if table.empty:
         if left_out:
@@ -648,9 +1055,14 @@ def write_report(
                 f"{first.run} ({first.file}: {first.problem})"
             )
         raise ReportError(f"no runs (run_info.json or status.json) under {where}")
+    grouped = None
+    if group_by:
+        values = [c for c in table_view(runs).columns if c in value_columns(table)]
+        grouped = aggregate(table, group_by, values)
     with run_lock(out, "cdi-report"):
-        atomic_write_csv(out / "runs.csv", table)
-        markdown = markdown_frame(table.drop(columns=["run"])) + "\n"
+        view = table_view(runs)
+        write_tables(table, out / "runs", readable=view)
+        markdown = markdown_frame(view) + "\n"
         unreadable = out / UNREADABLE_CSV
         if left_out:
             frame = left_out_frame(left_out)
@@ -660,5 +1072,49 @@ def write_report(
         else:
             unreadable.unlink(missing_ok=True)  # from an earlier report of these folders
         atomic_write_text(out / "runs.md", markdown)
-        figures = make_figures(table, out / FIGURE_DIR, threshold)
-    return Report(out, table, figures, left_out)
+        if grouped is not None:
+            write_tables(grouped, out / "grouped", readable=mean_std_text(grouped))
+        # The tidy files keep the run-level and swept columns; runs.csv has every config
+        # column (join on "run"): repeating ~60 constant values on every histogram bin of a
+        # sweep would make them tens of megabytes.
+        constant = set(runs.config_columns) - {"seed", *runs.varying()}
+        for name in Runs.FRAMES:
+            frame = getattr(runs, name)
+            if len(frame):
+                frame = frame[[c for c in frame.columns if c not in constant]]
+                atomic_write_csv(out / TIDY_DIR / f"{name}.csv", frame)
+        written = figures.report_figures(runs, out / FIGURE_DIR, threshold) if draw else []
+    return Report(out, table, written, left_out, grouped, runs)
+
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "INIT_EPOCH",
+    "INIT_LABEL",
+    "META_COLUMNS",
+    "LeftOut",
+    "Report",
+    "ReportError",
+    "Runs",
+    "UnreadableFileError",
+    "aggregate",
+    "collect",
+    "collect_all",
+    "epoch_label",
+    "epoch_metrics",
+    "final_metrics",
+    "find_runs",
+    "flatten_config",
+    "latex_table",
+    "load_runs",
+    "mean_std_text",
+    "run_config",
+    "run_figures",
+    "run_meta",
+    "summarize_run",
+    "swept_columns",
+    "table_view",
+    "value_columns",
+    "write_report",
+    "write_tables",
+]

@@ -4,6 +4,10 @@ Resuming is exact: the data order is a function of ``(seed, epoch)``, the optimi
 Lightning's checkpoint, and :class:`~cdi_experiments.lightning.rng.RngState` adds torch's
 generator state (dropout), which Lightning does not save. The metrics CSV keeps the rows of the
 epochs the checkpoint holds.
+
+A ``trainer=fsdp2`` run may checkpoint into a DCP folder (``last.ckpt/``); it is checked here like
+a file, read safely (:func:`~cdi_experiments.run.checkpoint.load_distributed_checkpoint`), before
+Lightning loads it (whose DCP reader unpickles the folder's index without restriction).
 """
 
 from __future__ import annotations

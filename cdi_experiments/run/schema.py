@@ -38,6 +38,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.types import IntervalSweep, Override
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from cdi_experiments.generator import schemes
@@ -67,6 +68,7 @@ ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 TRAIN_IMAGES = 60000
 IMAGE_DATAMODULE = "cdi_experiments.lightning.datamodule.ImageDataModule"
 TRAINER = "pytorch_lightning.Trainer"
+MODEL_PARALLEL = "pytorch_lightning.strategies.ModelParallelStrategy"
 
 
 class ConfigError(ValueError):
@@ -134,6 +136,9 @@ class TrainConfig:
     resume: bool = MISSING
     test_after_fit: bool = MISSING
     run_dir: str | None = None
+    # The metric a sweeper optimises (cdi-train returns its last value): a validation metric,
+    # never a test one. Optuna's direction is hydra.sweeper.direction (maximize for val/acc).
+    objective: str = "val/acc"
     data: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING
@@ -429,6 +434,7 @@ def check_config(cfg: DictConfig) -> None:
     if run_dir is not None and not str(run_dir):
         _fail("run_dir", run_dir, "use a directory path or null (null: Hydra's run directory)")
     _check_run_name(c.get("run_name"))
+    _check_objective(c.get("objective"))
 
     i = c["init"]
     _scheme("init.scheme", i["scheme"])
@@ -474,6 +480,7 @@ def check_config(cfg: DictConfig) -> None:
     if sched:
         check_arguments("scheduler", sched, example="torch.optim.lr_scheduler.CosineAnnealingLR")
     _check_trainer(c["trainer"])
+    _check_model_parallel(c)
     for group in ("logger", "callbacks"):
         nodes = c.get(group) or {}
         if not isinstance(nodes, dict):
@@ -498,6 +505,37 @@ def _check_run_name(name: Any) -> None:
             "a run name is one folder name inside the output root, without '/', '\\' or "
             "'..' (e.g. run_name=mlp-mnist-he-s0); to write elsewhere set hydra.run.dir",
         )
+
+
+# Metric namespaces measured on the test set (prune/...: the pruned copies' test accuracy).
+TEST_METRICS = ("test/", "prune/")
+
+
+def _check_objective(name: Any) -> None:
+    """A sweep tunes on validation metrics: one measured on the test set is refused."""
+    if not isinstance(name, str) or not name.strip():
+        _fail("objective", name, "name a logged validation metric, e.g. objective=val/acc")
+    if name.startswith(TEST_METRICS):
+        _fail(
+            "objective",
+            name,
+            "it is measured on the test set, and tuning on it leaks the test set into the "
+            "model choice; use a validation metric, e.g. objective=val/acc (or val/loss with "
+            "hydra.sweeper.direction=minimize)",
+        )
+
+
+def sweep_values(override: Override) -> list[str]:
+    """The values of a sweep override whose jobs are checked before the sweep starts.
+
+    What Hydra's basic sweeper enumerates (``a,b``, ``choice(...)``, ``range(...)``); for the
+    Optuna sweeper's ``interval(low, high)`` (also as ``tag(log, interval(...))`` or
+    ``int(interval(...))``), its two ends: the extremes a trial can draw.
+    """
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return [str(value.start), str(value.end)]
+    return list(override.sweep_string_iterator())
 
 
 # Lightning loggers whose backend is an optional package: (module to import, pip install name).
@@ -593,7 +631,81 @@ def _check_trainer(tr: Any) -> None:
             "trainer.accelerator",
             acc,
             "Lightning runs strategy 'fsdp' on GPUs only: use trainer.accelerator=gpu, "
-            "or trainer=ddp on CPU",
+            "or trainer=ddp on CPU, or trainer=fsdp2 (FSDP2, on CPU or GPUs)",
+        )
+
+
+def is_model_parallel(trainer: Any) -> bool:
+    """Whether a (plain) trainer config uses Lightning's ``ModelParallelStrategy`` (or a subclass
+    named ``...ModelParallelStrategy``), which builds the model on the meta device and shards it
+    in ``configure_model`` (``trainer=fsdp2``)."""
+    strategy = trainer.get("strategy") if isinstance(trainer, Mapping) else None
+    target = strategy.get("_target_") if isinstance(strategy, Mapping) else None
+    return isinstance(target, str) and target.endswith("ModelParallelStrategy")
+
+
+def _check_model_parallel(c: Mapping[str, Any]) -> None:
+    """``trainer=fsdp2``: FSDP2 over every device, a backend the accelerator has, and an init
+    that can be made shard by shard."""
+    tr = c["trainer"]
+    strategy = tr.get("strategy")
+    if isinstance(strategy, dict):
+        check_arguments("trainer.strategy", strategy, example=MODEL_PARALLEL)
+    if not is_model_parallel(tr):
+        return
+    dev = tr.get("devices", "auto")
+    if not _is_int(dev) or dev < 1:
+        _fail("trainer.devices", dev, "trainer=fsdp2 needs a number of devices, e.g. 2")
+    nodes = tr.get("num_nodes", 1)
+    _int("trainer.num_nodes", nodes, 1)
+    tp = strategy.get("tensor_parallel_size", "auto")
+    if tp != 1:
+        _fail(
+            "trainer.strategy.tensor_parallel_size",
+            tp,
+            "the Classifier shards with FSDP2 only (no tensor parallelism): use 1",
+        )
+    dp = strategy.get("data_parallel_size", "auto")
+    if dp != dev * nodes:
+        _fail(
+            "trainer.strategy.data_parallel_size",
+            dp,
+            f"FSDP2 shards over every device: use trainer.devices x trainer.num_nodes "
+            f"= {dev * nodes} (trainer=fsdp2 sets it to ${{trainer.devices}})",
+        )
+    backend = strategy.get("process_group_backend")
+    _choice(
+        "trainer.strategy.process_group_backend",
+        "null" if backend is None else backend,
+        ("null", "gloo", "nccl"),
+    )
+    if backend == "nccl" and tr.get("accelerator", "auto") == "cpu":
+        _fail(
+            "trainer.strategy.process_group_backend",
+            backend,
+            "nccl needs GPUs: on trainer.accelerator=cpu use gloo, or null (gloo on CPU, "
+            "nccl on GPUs)",
+        )
+    if c["init"]["mode"] != "generate":
+        _fail(
+            "init.mode",
+            c["init"]["mode"],
+            "trainer=fsdp2 builds the model on the meta device, so it has no init of its own "
+            "to record: use init.mode=generate",
+        )
+    if not c["init"]["biases"]:
+        _fail(
+            "init.biases",
+            False,
+            "trainer=fsdp2 builds the model on the meta device, where only the init gives "
+            "the biases values: use init.biases=true",
+        )
+    if c["init"]["scheme"] == "lsuv":
+        _fail(
+            "init.scheme",
+            "lsuv",
+            "LSUV fits each layer's scale with forward passes over the whole model; with "
+            "trainer=fsdp2 use another scheme, or trainer=ddp for LSUV",
         )
 
 
@@ -647,11 +759,13 @@ __all__ = [
     "check_arguments",
     "check_config",
     "config_dir",
+    "is_model_parallel",
     "one_line",
     "plain",
     "task_config",
     "model_name",
     "register",
     "short_name",
+    "sweep_values",
     "target_signature",
 ]

@@ -29,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,33 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def sweep_objective(cfg: DictConfig, metrics: Mapping[str, float] | None) -> float | None:
+    """What ``cdi-train`` returns to a sweeper: the run's last ``cfg.objective`` (``val/acc``
+    by default: the last epoch's validation accuracy; the schema refuses test metrics).
+
+    A failed job (``metrics`` is ``None``), or a run that did not log the objective, gets the
+    worst value for the sweeper's ``direction`` (-inf to maximize, +inf to minimize), so an
+    Optuna study records the trial as bad and goes on: a NaN or ``None`` would stop it.
+    Hydra's basic sweeper has no direction and ignores the value: ``None``.
+    """
+    key = str(cfg.objective)
+    if metrics and key in metrics:
+        return float(metrics[key])
+    direction = None
+    if HydraConfig.initialized():
+        direction = str(HydraConfig.get().sweeper.get("direction", "")).rsplit(".", 1)[-1]
+    if direction not in ("maximize", "minimize"):
+        return None
+    if metrics:
+        log.warning(
+            "objective=%s was not logged by this run (it logged: %s); the sweeper gets the "
+            "worst value",
+            key,
+            ", ".join(sorted(k for k in metrics if k.startswith(("train/", "val/", "test/")))),
+        )
+    return -math.inf if direction == "maximize" else math.inf
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit, test and prune one configuration. Returns ``(metrics, objects)``.
 
@@ -245,9 +273,12 @@ def _train_locked(
                     trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
                 except InitIdentityError as exc:  # the fingerprint, checked as Lightning restores
                     raise identity_error(exc) from None
+                # The last epoch's train/val metrics (the sweep objective, val/acc, is one):
+                # trainer.test() replaces callback_metrics with its own.
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
                 if cfg.test_after_fit:
                     trainer.test(lit, datamodule=dm, verbose=False)
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
             if trainer.is_global_zero and cfg.prune.enabled:
                 if trainer.world_size > 1:
                     # Rank 0 prunes alone: it must see the whole test set, not its DDP shard
@@ -369,6 +400,7 @@ __all__ = [
     "RunInterruptedError",
     "RunStoppedError",
     "in_multirun",
+    "sweep_objective",
     "train_job",
     "lightning_seed",
     "run_dir_of",
