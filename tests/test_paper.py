@@ -260,3 +260,32 @@ def test_signal_experiment_on_real_images_is_kept_once_written(tmp_path) -> None
     assert path.stat().st_mtime_ns == stamp  # same settings: not measured again
     P.signal_experiment(tmp_path, **{**kw, "seeds": (0, 1)})
     assert sorted(pd.read_csv(path)["seed"].unique()) == [0, 1]
+
+
+@pytest.mark.integration
+def test_weight_histograms_from_a_real_run(tmp_path) -> None:
+    """Signed weight histograms at init and at the last epoch, recomputed with numpy from an
+    independent init of the same architecture and from the checkpoint's own tensors."""
+    import contextlib
+    import copy
+    import io
+
+    import numpy as np
+    from conftest import quick_cfg
+
+    from cdi_experiments.run import train as train_mod
+
+    cfg = quick_cfg(tmp_path / "run", "trainer.max_epochs=2", "prune=off", "test_after_fit=false")
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, objects = train_mod.train(cfg)
+    hist = P.weight_histograms(cfg.run_dir, bins=20)
+    assert set(hist["kind"]) == {"weight"} and sorted(hist["epoch"].unique()) == [-1, 1]
+    fresh = copy.deepcopy(objects["model"].model)  # the trained net, initialized again
+    init_module(fresh, int(cfg.seed), str(cfg.init.scheme))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, w0 in fresh.named_parameters():
+        g = hist[hist["param"] == name]
+        edges = np.append(g[g["epoch"] == 1]["low"].to_numpy(), g["high"].max())
+        for epoch, values in ((-1, w0), (1, ckpt["state_dict"][f"model.{name}"])):
+            want = np.histogram(values.detach().double().numpy().reshape(-1), bins=edges)[0]
+            assert (g[g["epoch"] == epoch]["count"].to_numpy() == want).all(), (name, epoch)

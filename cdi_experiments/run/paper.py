@@ -32,10 +32,13 @@ import torch
 
 from cdi_experiments.generator.facade import DeterministicNoiseGenerator
 from cdi_experiments.lightning.datamodule import ImageDataModule
+from cdi_experiments.modules.plan import plan_from_dict
 from cdi_experiments.modules.signal import ACTIVATIONS, signal_frame
-from cdi_experiments.paths import atomic_write_csv, atomic_write_text
+from cdi_experiments.paths import RunPaths, atomic_write_csv, atomic_write_text
 from cdi_experiments.run import figures as F
+from cdi_experiments.run.checkpoint import CheckpointError, init_state, load_checkpoint
 from cdi_experiments.run.report import Runs, aggregate, load_runs, write_tables
+from cdi_experiments.run.resume import epochs_done
 from cdi_experiments.timing import timings
 
 log = logging.getLogger(__name__)
@@ -581,6 +584,49 @@ def _figure(paper: Paper, name: str, make: Callable[[], object]) -> None:
     paper.figures += F.save_figure(fig, Path(paper.out) / "figures" / name)
 
 
+def weight_histograms(run: str | os.PathLike, bins: int = 60) -> pd.DataFrame:
+    """Signed weight histograms of one finished run: its initial weights (epoch -1, regenerated
+    from the plan in its checkpoint) and its last epoch's (the checkpoint), on the same bins per
+    tensor, in the ``histograms`` frame's long form (``kind="weight"``).
+
+    Raises:
+        CheckpointError: the run has no readable checkpoint or no init plan in it.
+    """
+    path = RunPaths(Path(run)).last_ckpt
+    ckpt = load_checkpoint(path, fix="rerun the experiment")
+    state = init_state(ckpt)
+    if not state or not state.get("plan"):
+        raise CheckpointError(f"{path}: no DeterministicInitCallback plan in the checkpoint")
+    plan = plan_from_dict(state["plan"])
+    last = epochs_done(ckpt) - 1
+    rows = []
+    for name in plan.names():
+        trained = ckpt["state_dict"].get(f"model.{name}")
+        if trained is None:
+            continue
+        w0 = plan.initial(name, trained.dtype).to(torch.float64).reshape(-1)  # as trained from
+        w = trained.detach().to(torch.float64).reshape(-1)
+        lo, hi = float(min(w0.min(), w.min())), float(max(w0.max(), w.max()))
+        if hi <= lo:  # a constant tensor: one bin around it
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+        for epoch, values in ((-1, w0), (last, w)):
+            counts = torch.histogram(values, bins=edges).hist
+            rows += [
+                {
+                    "run": str(run),
+                    "kind": "weight",
+                    "epoch": epoch,
+                    "param": name,
+                    "low": float(edges[k]),
+                    "high": float(edges[k + 1]),
+                    "count": int(c),
+                }
+                for k, c in enumerate(counts.tolist())
+            ]
+    return pd.DataFrame(rows)
+
+
 def _figures(paper: Paper) -> None:
     ex = paper.experiments
     curves = [ex[n].epochs for n in ("mnist_demo", "fashion_init_comparison") if n in ex]
@@ -611,6 +657,10 @@ def _figures(paper: Paper) -> None:
         hist = ex["fashion_init_comparison"].histograms
         he = hist[hist["init"] == "he"] if (hist["init"] == "he").any() else hist
         first = he[he["run"] == he["run"].iloc[0]]
+        try:  # the signed weights beside |w - w0|, at init and at the last epoch
+            first = pd.concat([weight_histograms(first["run"].iloc[0]), first], ignore_index=True)
+        except (CheckpointError, OSError) as exc:
+            log.warning("weight histograms left out: %s", exc)
         epochs = sorted(first["epoch"].unique())
         chosen = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
         _figure(paper, "histograms_fashion_he", lambda: F.histograms(first, epochs=chosen))
