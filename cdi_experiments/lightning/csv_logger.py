@@ -29,6 +29,8 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 CHECKPOINT_KEY = "cdi_epoch_end_row"
 """Where :class:`EpochEndRow` keeps the pending row in a checkpoint."""
+METRICS_KEY = "cdi_callback_metrics"
+"""Where :class:`EpochEndRow` keeps ``trainer.callback_metrics`` (the fit's last values)."""
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -110,6 +112,10 @@ class EpochEndRow(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        latest = convert_tensors_to_scalars(dict(trainer.callback_metrics))
+        checkpoint[METRICS_KEY] = {
+            k: float(v) for k, v in latest.items() if isinstance(v, (int, float))
+        }  # a fit resumed past its last epoch logs nothing: these are its final metrics
         progress = trainer.fit_loop.epoch_progress.current
         if not trainer.training or progress.processed <= progress.completed:
             return  # not between the epoch end hooks and the logging of their metrics
@@ -123,10 +129,23 @@ class EpochEndRow(Callback):
         checkpoint[CHECKPOINT_KEY] = {"epoch": trainer.current_epoch, **row, "step": step}
 
 
+def saved_metrics(checkpoint: Mapping[str, Any] | None) -> dict[str, float]:
+    """The ``trainer.callback_metrics`` :class:`EpochEndRow` saved in ``checkpoint``."""
+    saved = (checkpoint or {}).get(METRICS_KEY)
+    return dict(saved) if isinstance(saved, Mapping) else {}
+
+
 def pending_row(checkpoint: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The row :class:`EpochEndRow` left in ``checkpoint``, if any."""
     row = (checkpoint or {}).get(CHECKPOINT_KEY)
     return dict(row) if isinstance(row, Mapping) else None
 
 
-__all__ = ["CHECKPOINT_KEY", "EpochEndRow", "ResumableCSVLogger", "pending_row"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "METRICS_KEY",
+    "EpochEndRow",
+    "ResumableCSVLogger",
+    "pending_row",
+    "saved_metrics",
+]

@@ -50,7 +50,7 @@ import cdi_experiments
 from cdi_experiments.generator import bits as B
 from cdi_experiments.lightning.callback import InitIdentityError
 from cdi_experiments.lightning.classifier import NonFiniteLossError
-from cdi_experiments.lightning.csv_logger import pending_row
+from cdi_experiments.lightning.csv_logger import pending_row, saved_metrics
 from cdi_experiments.paths import RunPaths, atomic_write_text, remove_stale_temps
 from cdi_experiments.run import build
 from cdi_experiments.run.ddp import ddp_ranks_per_job
@@ -263,6 +263,7 @@ def _train_locked(
                 resume_epoch=epochs_done(ckpt) - 1 if ckpt else None,
                 epoch_end_row=pending_row(ckpt),
             )
+            resumed_metrics = saved_metrics(ckpt)
             del ckpt
             trainer = build.build_trainer(cfg, paths, loggers, callbacks)
             ckpt_path = str(paths.last_ckpt) if cfg.resume and paths.last_ckpt.exists() else None
@@ -275,7 +276,11 @@ def _train_locked(
                     raise identity_error(exc) from None
                 # The last epoch's train/val metrics (the sweep objective, val/acc, is one):
                 # trainer.test() replaces callback_metrics with its own.
-                metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+                # (A fit resumed past its last epoch logs nothing: the checkpoint's values.)
+                metrics = {
+                    **resumed_metrics,
+                    **{k: float(v) for k, v in trainer.callback_metrics.items()},
+                }
                 if cfg.test_after_fit:
                     trainer.test(lit, datamodule=dm, verbose=False)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
