@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cdi_experiments.paths import RunPaths
-from cdi_experiments.run.checkpoint import load_checkpoint
+from cdi_experiments.run.checkpoint import init_state, load_checkpoint
 from cdi_experiments.run.schema import ConfigError
 
 # The init callback's identity fields -> the config keys that set them (configs/callbacks).
@@ -45,10 +45,7 @@ def identity_error(exc: Exception) -> ConfigError:
 
 def callback_state(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The :class:`DeterministicInitCallback`'s state in a checkpoint (``{}`` if none)."""
-    for key, state in ckpt.get("callbacks", {}).items():
-        if key.startswith("DeterministicInitCallback"):
-            return state
-    return {}
+    return init_state(ckpt) or {}
 
 
 def epochs_done(ckpt: dict[str, Any]) -> int:
