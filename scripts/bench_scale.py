@@ -12,7 +12,9 @@ Lines:
   the slowest rank's time, and per rank the peak RSS growth and the peak numpy allocations
   (tracemalloc) during the init. Ratio: over the 1-rank time (1/W is perfect scaling).
 * ``resnet18``: ``init_module(resnet18(num_classes=10))`` over torch's ``reset_parameters``
-  of the same modules. Ratio: ours / torch.
+  of the same modules, with our default scheme (He normal: a log and a cosine per weight)
+  and with ``torch_default`` (torch's own uniform distributions, addressable). Ratio: ours /
+  torch.
 * ``analysis``: ``analyze_module`` over a stack of ``Linear(4096, 4096)`` layers holding
   ``--params`` parameters, every third row moved by 1e-4. Up to ``--materialize-max``
   parameters the model is real; above it (``--params 1e9``) the weights are never held whole:
@@ -177,13 +179,17 @@ def resnet18_line(repeats: int) -> str:
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
 
-    ours = best_of(lambda: init_module(model, seed=0), repeats)
     theirs = best_of(torch_init, repeats)
     n = sum(p.numel() for p in model.parameters())
-    return (
-        f"resnet18 init_module ({n / 1e6:.1f} M params): ours {ours * 1e3:.0f} ms, "
-        f"torch reset_parameters {theirs * 1e3:.0f} ms, ratio {ours / theirs:.2f}"
-    )
+    lines = []
+    for scheme in ("he", "torch_default"):
+        ours = best_of(lambda s=scheme: init_module(model, seed=0, scheme=s), repeats)
+        lines.append(
+            f"resnet18 init_module scheme={scheme} ({n / 1e6:.1f} M params): ours "
+            f"{ours * 1e3:.0f} ms, torch reset_parameters {theirs * 1e3:.0f} ms, "
+            f"ratio {ours / theirs:.2f}"
+        )
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- analysis

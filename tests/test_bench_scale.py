@@ -30,8 +30,13 @@ def test_bench_scale_quick_prints_every_line_with_a_ratio() -> None:
         assert len(re.findall(r"\br\d+ \d+ ms rss\+\d+ MiB numpy-peak", ln)) == world
         assert re.search(RATIO + r"$", ln)
     assert float(re.search(RATIO, shard[0])[1]) == 1.0  # the 1-rank run is the reference
-    (res,) = [ln for ln in lines if ln.startswith("resnet18 init_module")]
-    assert re.search(r"torch reset_parameters \d+ ms, " + RATIO + "$", res)
+    res = [ln for ln in lines if ln.startswith("resnet18 init_module")]
+    assert [re.match(r"resnet18 init_module scheme=(\w+)", ln)[1] for ln in res] == [
+        "he",
+        "torch_default",
+    ]
+    for ln in res:
+        assert re.search(r"torch reset_parameters \d+ ms, " + RATIO + "$", ln)
     (ana,) = [ln for ln in lines if ln.startswith("analysis ")]
     assert "2.0 M params (materialized model, analyze_module)" in ana
     assert re.search(r"kaiming_normal_ \d+\.\d+ s, " + RATIO + "$", ana)

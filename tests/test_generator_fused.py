@@ -68,6 +68,33 @@ def test_parallel_parts_and_tiles_cover_every_element_once() -> None:
             assert block[a, 0, c] == want
 
 
+@needs_numba
+@pytest.mark.parametrize(
+    "shape,index",
+    [
+        ((257, 130, 3, 3), None),  # 8 parallel parts, groups of 9 straddling tiles and parts
+        ((257, 130, 3, 3), (slice(3, 250), slice(None), slice(1, 3), slice(None))),
+        ((40, 5, 3, 2, 2), None),  # 5-D: the last two axes grouped, three odometer axes
+        ((300, 7, 8, 1), None),  # rows of one element
+        ((600, 9, 4, 16), None),  # groups of exactly GROUP_MAX
+        ((600, 9, 5, 13), None),  # 65 elements: walked row by row
+    ],
+    ids=str,
+)
+def test_grouped_walk_equals_numpy_backend(shape: tuple, index: Any) -> None:
+    # blocks whose last two axes are small (conv kernels) take the grouped walk: its
+    # patterns, group odometer and restarts at part boundaries give the numpy backend's bits
+    spec = core.TensorInit(11, 12, shape)
+    fast = core.generate(spec, index, dtype=np.float64, backend="numba")
+    ref = core.generate(spec, index, dtype=np.float64, backend="numpy")
+    assert same_bits(fast, ref)
+    w = fast + np.where(np.arange(fast.size).reshape(fast.shape) % 3 == 0, 1e-4, 0.0)
+    got = core.delta_summary(
+        w, spec, index, thresholds=THRESHOLDS, edges=DELTA_EDGES, backend="numba"
+    )
+    _assert_equal(got, _stats(np.abs(w - ref)))
+
+
 # ------------------------------------------------------------------------------ delta summary
 
 

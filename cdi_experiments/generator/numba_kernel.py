@@ -244,6 +244,132 @@ def _tile_states(axis_h, col0, m, cnt, rs, col, states, base, offs, sizes, idx, 
     return rs, col
 
 
+GROUP_MAX = 64
+"""A block whose last two axes hold at most this many elements (a conv kernel's 3x3) is
+walked by :class:`Cursor`'s grouped path rather than row by row."""
+
+
+WORK = TILE + GROUP_MAX + 2
+"""Length of the rows of a walk's work array (see :func:`_walk_start`)."""
+_W_STATES, _W_ROW_OF, _W_COL_H, _W_GRP_OF, _W_SUB_H, _W_GRP_H, _W_ROW_H, _W_PRE = range(8)
+
+
+@nb.njit(inline="always")
+def _walk_buffers(nd):
+    """A walk's work array (8 rows of :data:`WORK` uint64) and its odometer index."""
+    return np.empty((8, WORK), np.uint64), np.zeros(max(nd - 1, 1), np.int64)
+
+
+@nb.njit(inline="always")
+def _tile_states_grouped(
+    cnt,
+    gh,
+    s,
+    states,
+    grp_h,
+    row_h,
+    row_of,
+    col_h,
+    grp_of,
+    sub_h,
+    base,
+    axis_h,
+    offs,
+    sizes,
+    idx,
+    pre,
+):
+    """:func:`_tile_states` for blocks whose last two axes are small (conv kernels).
+
+    ``gh`` is the state of the current group (every axis but the last two folded) and ``s``
+    the next element's offset in it. The states of the tile's groups come first (one
+    odometer step each), then those of its rows and of its elements, each in one loop over
+    index patterns that LLVM vectorizes, instead of a short loop and an odometer step per
+    row of 3. Returns the updated ``(gh, s)``."""
+    nd = sizes.shape[0]
+    offs_g = offs[: nd - 1]
+    sizes_g = sizes[: nd - 1]
+    m = sizes[nd - 1]
+    size = m * sizes[nd - 2]
+    end = s + cnt
+    ng = (end - 1) // size + 1
+    grp_h[0] = gh
+    for k in range(1, ng):
+        grp_h[k] = _row_next(base, axis_h, offs_g, sizes_g, idx, pre)
+    for r in range(s // m, (end - 1) // m + 1):
+        row_h[r] = _hash64(grp_h[grp_of[r]] ^ sub_h[r])
+    ro = row_of[s:end]
+    ch = col_h[s:end]
+    for t in range(cnt):
+        states[t] = row_h[ro[t]] ^ ch[t]
+    gi = end // size
+    if gi == ng:
+        return _row_next(base, axis_h, offs_g, sizes_g, idx, pre), 0
+    return grp_h[gi], end - gi * size
+
+
+@nb.njit(inline="always")
+def _walk_start(e, base, axis_h, offs, sizes, work, idx):
+    """Start a walk of the block at flat element ``e``: ``(grouped, state, offset)``.
+
+    Grouped (the last two axes hold at most ``GROUP_MAX`` elements): ``state`` is the
+    group's state and ``offset`` the element's offset in it, and ``work`` gets the index
+    patterns of the grouped walk: for the ``j``-th element after a group's start its row and
+    its column's hash, for the ``r``-th row its group and the hash of its coordinate on the
+    second-to-last axis. Otherwise ``state`` and ``offset`` are the row's state and the
+    column."""
+    nd = sizes.shape[0]
+    grouped = nd >= 3 and sizes[nd - 1] * sizes[nd - 2] <= GROUP_MAX
+    m = sizes[nd - 1]
+    size = m
+    if grouped:
+        m2 = sizes[nd - 2]
+        size = m * m2
+        for j in range(TILE + size):
+            r = j // m
+            work[_W_ROW_OF, j] = r
+            work[_W_COL_H, j] = axis_h[offs[nd - 1] + j - r * m]
+        for r in range((TILE + size) // m + 2):
+            g = r // m2
+            work[_W_GRP_OF, r] = g
+            work[_W_SUB_H, r] = axis_h[offs[nd - 2] + r - g * m2]
+    at = e // size
+    ax = nd - 1 if grouped else nd
+    state = _row_start(base, axis_h, offs[:ax], sizes[:ax], at, idx, work[_W_PRE])
+    return grouped, state, e - at * size
+
+
+@nb.njit(inline="always")
+def _walk_tile(grouped, work, idx, cnt, state, at, base, axis_h, offs, sizes):
+    """The states of the next ``cnt`` elements into ``work[_W_STATES]``; returns the new
+    ``(state, offset)``."""
+    states = work[_W_STATES]
+    pre = work[_W_PRE]
+    if grouped:
+        return _tile_states_grouped(
+            cnt,
+            state,
+            at,
+            states,
+            work[_W_GRP_H],
+            work[_W_ROW_H],
+            work[_W_ROW_OF],
+            work[_W_COL_H],
+            work[_W_GRP_OF],
+            work[_W_SUB_H],
+            base,
+            axis_h,
+            offs,
+            sizes,
+            idx,
+            pre,
+        )
+    nd = sizes.shape[0]
+    return _tile_states(
+        axis_h, offs[nd - 1], sizes[nd - 1], cnt, state, at, states, base, offs, sizes, idx, pre
+    )
+
+
 @nb.njit(inline="always")
 def _tile_values(kind, cnt, states, a, b, p0, p1):
     """float64 values of a tile from its states into ``a``: ``p0 * gaussian`` (normal; ``p1``
@@ -265,9 +391,6 @@ def _tile_values(kind, cnt, states, a, b, p0, p1):
 
 @nb.njit(inline="always")
 def _draw_parts(kind, base, axis_h, offs, sizes, p0, p1, out, n_parts):
-    nd = sizes.shape[0]
-    m = sizes[nd - 1]
-    col0 = offs[nd - 1]
     n = out.shape[0]
     part = (n + n_parts - 1) // n_parts
     for p in nb.prange(n_parts):
@@ -276,19 +399,14 @@ def _draw_parts(kind, base, axis_h, offs, sizes, p0, p1, out, n_parts):
         e1 = min(n, e + part)
         if e >= e1:
             continue
-        states = np.empty(TILE, np.uint64)
         a = np.empty(TILE, np.float64)
         b = np.empty(TILE, np.float64)
-        idx = np.zeros(max(nd - 1, 1), np.int64)
-        pre = np.empty(max(nd - 1, 1), np.uint64)
-        row = e // m
-        col = e - row * m
-        rs = _row_start(base, axis_h, offs, sizes, row, idx, pre)
+        work, idx = _walk_buffers(sizes.shape[0])
+        grouped, rs, col = _walk_start(e, base, axis_h, offs, sizes, work, idx)
+        states = work[_W_STATES]
         while e < e1:
             cnt = min(TILE, e1 - e)
-            rs, col = _tile_states(
-                axis_h, col0, m, cnt, rs, col, states, base, offs, sizes, idx, pre
-            )
+            rs, col = _walk_tile(grouped, work, idx, cnt, rs, col, base, axis_h, offs, sizes)
             _tile_values(kind, cnt, states, a, b, p0, p1)
             dst = out[e : e + cnt]
             for t in range(cnt):
@@ -327,9 +445,6 @@ def delta_grid(
     positive double of biased exponent ``e`` (-1 below the first edge): the search starts
     there and steps up, so it stays exact for any increasing edges.
     """
-    nd = sizes.shape[0]
-    m = sizes[nd - 1]
-    col0 = offs[nd - 1]
     n = w.shape[0]
     nt = thresholds.shape[0]
     ne = edges.shape[0]
@@ -345,24 +460,19 @@ def delta_grid(
         e1 = min(n, e + part)
         if e >= e1:
             continue
-        states = np.empty(TILE, np.uint64)
         a = np.empty(TILE, np.float64)
         b = np.empty(TILE, np.float64)
         w0 = np.empty(TILE, w0_like.dtype)
-        idx = np.zeros(max(nd - 1, 1), np.int64)
-        pre = np.empty(max(nd - 1, 1), np.uint64)
         acc = np.zeros(8, np.float64)
         mx = 0.0
         nan = 0
         zeros = 0
-        row = e // m
-        col = e - row * m
-        rs = _row_start(base, axis_h, offs, sizes, row, idx, pre)
+        work, idx = _walk_buffers(sizes.shape[0])
+        grouped, rs, col = _walk_start(e, base, axis_h, offs, sizes, work, idx)
+        states = work[_W_STATES]
         while e < e1:
             cnt = min(TILE, e1 - e)
-            rs, col = _tile_states(
-                axis_h, col0, m, cnt, rs, col, states, base, offs, sizes, idx, pre
-            )
+            rs, col = _walk_tile(grouped, work, idx, cnt, rs, col, base, axis_h, offs, sizes)
             _tile_values(kind, cnt, states, a, b, p0, p1)
             for t in range(cnt):
                 w0[t] = a[t]  # round to the weights' dtype

@@ -135,8 +135,13 @@ def _apply(
     the part's global coordinates, ``chunk_elems`` elements at a time."""
     local = local_part(param).detach()  # a view: writing it writes the (sharded) parameter
     numpy_ok = local.device.type == "cpu" and local.dtype in _NUMPY_COPY
+    if _whole_in_place(param, local, blocks):
+        return
     with torch.no_grad():
         for at, spec, index in local_chunks(param, blocks, chunk_elems):
+            if numpy_ok and isinstance(at, slice) and local[at].is_contiguous():
+                generate_tensor(spec, index, out=local[at])  # the kernel writes the parameter
+                continue
             vals = generate_tensor(spec, index, dtype=local.dtype, device=local.device)
             if numpy_ok and isinstance(at, slice):
                 # numpy's single-threaded copy: torch's parallel copy right after numba's
@@ -146,6 +151,29 @@ def _apply(
             else:
                 local[torch_index(at)] = vals
             del vals  # before the next chunk is generated: one chunk alive at a time
+
+
+def _whole_in_place(param: torch.Tensor, local: torch.Tensor, blocks: list[Block]) -> bool:
+    """Fill a whole plain CPU parameter in one call when that needs no extra memory: a
+    normal or uniform draw written by the kernel straight into it, or a constant. Returns
+    False (nothing written) for anything else, which goes chunk by chunk."""
+    if len(blocks) != 1 or is_dtensor(param) or local.device.type != "cpu":
+        return False
+    spec = blocks[0].spec
+    if spec.shape != tuple(local.shape) or not local.is_contiguous():
+        return False
+    if spec.orthogonal or spec.zero_mean or spec.scale != 1.0:
+        return False
+    draw = spec.draw
+    if local.dtype not in (torch.float32, torch.float64):  # half types: generate's rounding
+        return False
+    if draw.kind in ("normal", "uniform"):
+        generate_tensor(spec, out=local)
+    elif draw.kind == "constant":
+        local.fill_(draw.value)  # one rounding of the float64 value, as generate's np.full
+    else:
+        return False
+    return True
 
 
 _NUMPY_COPY = (torch.float16, torch.float32, torch.float64)
