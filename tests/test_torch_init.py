@@ -527,12 +527,8 @@ def test_quantiles_are_within_one_histogram_bin(trained) -> None:
 # ------------------------------------------------------------------------------ memory
 
 
-def test_chunked_analysis_memory_is_bounded_by_the_chunk() -> None:
-    chunk = 1 << 18
-    layer = nn.Linear(4096, 4096, bias=False)  # 16.8M float32 weights (64 MiB; torch, untraced)
-    plan = init_module(layer, 3, "he")
-    with torch.no_grad():
-        layer.weight[::7].add_(1e-3)  # 586 rows moved, every element of them by far > 1 ulp
+def numpy_peak(fn: Any) -> tuple[Any, int]:
+    """``(fn(), peak bytes of Python/numpy allocations during the call)`` (tracemalloc)."""
     tracemalloc.start()
     try:
         probe = np.empty(1 << 20, dtype=np.uint8)  # numpy's buffers are traced: not vacuous
@@ -540,10 +536,19 @@ def test_chunked_analysis_memory_is_bounded_by_the_chunk() -> None:
         del probe
         tracemalloc.reset_peak()
         before = tracemalloc.get_traced_memory()[0]
-        table = analyze_module(layer, plan, (0.0,), chunk_elems=chunk)
-        peak = tracemalloc.get_traced_memory()[1] - before
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
+
+
+def test_chunked_analysis_memory_is_bounded_by_the_chunk() -> None:
+    chunk = 1 << 18
+    layer = nn.Linear(4096, 4096, bias=False)  # 16.8M float32 weights (64 MiB; torch, untraced)
+    plan = init_module(layer, 3, "he")
+    with torch.no_grad():
+        layer.weight[::7].add_(1e-3)  # 586 rows moved, every element of them by far > 1 ulp
+    table, peak = numpy_peak(lambda: analyze_module(layer, plan, (0.0,), chunk_elems=chunk))
     assert table.loc[0, "changed@0"] == 586 * 4096 and table.loc[0, "numel"] == 4096**2
     # Measured: ~7.0 MiB at 1 << 18 (about 28 bytes per chunk element: float32 w0, float64
     # copies of w and w0, the float64 delta and its masks), against 128 MiB for a whole
@@ -561,17 +566,7 @@ def test_analysis_of_100m_parameters_stays_within_the_chunk() -> None:
     with torch.no_grad():
         for k, layer in enumerate(model):
             layer.weight[k::3].add_(1e-3)  # a third of each layer's rows, far above 1 ulp
-    tracemalloc.start()
-    try:
-        probe = np.empty(1 << 20, dtype=np.uint8)  # numpy's buffers are traced: not vacuous
-        assert tracemalloc.get_traced_memory()[0] >= 1 << 20
-        del probe
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        table = analyze_module(model, plan, (0.0, 1e-2))
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    table, peak = numpy_peak(lambda: analyze_module(model, plan, (0.0, 1e-2)))
     moved = [len(range(k, 4096, 3)) * 4096 for k in range(6)]
     layers = table.set_index("name")
     assert layers["numel"].tolist() == [4096**2] * 6 + [6 * 4096**2]  # the __total__ row last
