@@ -524,6 +524,22 @@ def test_quantiles_are_within_one_histogram_bin(trained) -> None:
         stats.quantile(1.5)
 
 
+@pytest.mark.parametrize("scheme", ["he", "orthogonal"])
+def test_bfloat16_weights_at_init_are_unchanged_for_every_reader(scheme: str) -> None:
+    # w0 is regenerated in bfloat16 for bfloat16 weights on every path: the fused summary
+    # (he), the whole-matrix one (orthogonal), the masks and the per-parameter deltas
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)).to(torch.bfloat16)
+    plan = init_module(model, 0, scheme)
+    table = analyze_module(model, plan, (0.0,))
+    assert table["changed@0"].tolist() == [0] * 5
+    assert all(int(m.sum()) == 0 for m in awakened_masks(model, plan, 0.0).values())
+    for name in plan.blocks:
+        assert all(float(d.max()) == 0.0 for _, d in param_deltas(model, plan, name))
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0
+    assert analyze_module(model, plan, (0.0,))["changed@0"].tolist()[:2] == [1, 0]
+
+
 # ------------------------------------------------------------------------------ memory
 
 

@@ -592,7 +592,7 @@ def iter_deltas(
     step = max(1, chunk_elems // row_elems)
     for a in range(0, spec.shape[0], step):
         rows = slice(a, min(a + step, spec.shape[0]))
-        w0 = generate(spec, (rows,), dtype=w.dtype, backend=backend)
+        w0 = w0_like(spec, (rows,), weights, backend)
         yield rows, np.abs(w[rows].astype(np.float64) - w0.astype(np.float64))
 
 
@@ -695,13 +695,19 @@ def _block_chunks(
             yield sl + tuple(slice(None) for _ in sizes[k + 1 :]), (b - a) * inner
 
 
-def _w0_block(spec: TensorInit, coords: tuple[np.ndarray, ...], w: Any, backend: str | None):
-    """``w0`` on the coordinate grid ``coords``, in ``w``'s dtype, as a numpy array (bfloat16
-    weights get bfloat16 values, widened exactly to float32)."""
-    index = tuple(c.astype(np.int64) for c in coords)
-    if isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16:
+def w0_like(spec: TensorInit, index: Any, weights: Any, backend: str | None = None) -> np.ndarray:
+    """The initial values of the block ``index`` selects, in the dtype of ``weights`` (a numpy
+    array or a torch tensor), as a numpy array: what ``weights`` is compared against, so that
+    a zero delta means bit-identical. bfloat16 weights get bfloat16 values, widened exactly to
+    float32 (numpy has no bfloat16), as the weights themselves are read."""
+    if isinstance(weights, torch.Tensor) and weights.dtype == torch.bfloat16:
         return generate_tensor(spec, index, dtype=torch.bfloat16, backend=backend).float().numpy()
-    return generate(spec, index, dtype=_as_numpy(w).dtype, backend=backend)
+    return generate(spec, index, dtype=_as_numpy(weights).dtype, backend=backend)
+
+
+def _w0_block(spec: TensorInit, coords: tuple[np.ndarray, ...], w: Any, backend: str | None):
+    """:func:`w0_like` on the coordinate grid ``coords``."""
+    return w0_like(spec, tuple(c.astype(np.int64) for c in coords), w, backend)
 
 
 def _fused_ok(spec: TensorInit, w_np: np.ndarray, weights: Any, backend: str) -> bool:

@@ -34,9 +34,9 @@ from cdi_experiments.generator.core import (
     changed_mask,
     check_threshold,
     delta_summary,
-    generate,
     generate_tensor,
     iter_deltas,
+    w0_like,
 )
 from cdi_experiments.modules.naming import canonical_named_parameters, resolve_module
 from cdi_experiments.modules.plan import InitPlan, Plan, RecordedPlan
@@ -303,9 +303,9 @@ def _shard_deltas(
         return
     if isinstance(plan, InitPlan):
         for at, spec, index in local_chunks(w, plan.blocks[name], chunk_elems):
-            part = _np_weights(local[torch_index(at)])
-            w0 = generate(spec, index, dtype=part.dtype)
-            yield at, np.abs(part.astype(np.float64) - w0.astype(np.float64))
+            part = local[torch_index(at)]
+            w0 = w0_like(spec, index, part)
+            yield at, np.abs(_np_weights(part).astype(np.float64) - w0.astype(np.float64))
         return
     rows, *rest = global_coords(w)
     w0_all = plan.tensors[name].to(local.dtype).double().numpy()  # as _recorded_deltas
@@ -351,9 +351,8 @@ def _local_stats(
             st.add_summary(summary)
             overall.add_summary(summary)
         else:  # whole-only (orthogonal) or zero-mean: compared as iter_deltas does
-            wn = _np_weights(part)
-            w0 = generate(spec, index, dtype=wn.dtype)
-            delta = np.abs(wn.astype(np.float64) - w0.astype(np.float64))
+            w0 = w0_like(spec, index, part)
+            delta = np.abs(_np_weights(part).astype(np.float64) - w0.astype(np.float64))
             # added in iter_deltas' row chunks (a whole-only block comes in one piece), so
             # the sums add in the same order as before
             step = max(1, chunk_elems // max(1, math.prod(delta.shape[1:])))
