@@ -14,13 +14,17 @@ import pandas as pd
 import pytest
 import torch
 from conftest import small_cfg
+from pytorch_lightning import loggers as pl_loggers
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torch import nn
 
 from cdi_experiments.lightning.dashboards import (
+    AWAKE_CHART,
     TensorBoardLogger,
     awake_long,
     chart_threshold,
+    log_epoch,
     log_prune_results,
     markdown_table,
     per_layer_key,
@@ -28,6 +32,7 @@ from cdi_experiments.lightning.dashboards import (
     wandb_name,
     wandb_tags,
 )
+from cdi_experiments.modules import DELTA_EDGES, delta_stats, init_module
 
 # ----------------------------------------------------------------------------- reading back
 
@@ -135,6 +140,74 @@ def test_awake_table_pools_groups_exactly() -> None:
     assert set(total["layer"]) == {"all"} and len(total) == 3 * 2
     own = [r for r in history if r["name"] == "all"]
     assert total["awake_pct"].tolist() == [r[f"awake_pct@{t:g}"] for r in own for t in thresholds]
+
+
+class RecordingWandb(pl_loggers.WandbLogger):
+    """A WandbLogger whose experiment records what log_epoch logs (no W&B process)."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    @property
+    def experiment(self) -> RecordingWandb:
+        return self
+
+    def log(self, payload: dict, commit: bool = False) -> None:
+        self.logged.append(payload)
+
+
+def _moved_model() -> tuple[nn.Module, dict, dict]:
+    """A model moved after init, with a NaN and an infinite weight, its analysis per
+    parameter and its one-group-per-parameter mapping."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    plan = init_module(model, 1, "he")
+    with torch.no_grad():
+        model[0].weight[:2] += 1e-3
+        model[0].weight[4, 0] = float("nan")
+        model[1].weight[0, 0] = float("inf")
+    stats = delta_stats(model, plan, (0.0, 1.2345678e-4))
+    names = [n for n, _ in model.named_parameters()]
+    return model, stats, {n: n for n in names}
+
+
+def test_histograms_are_bounded_exact_and_skip_non_finite(tmp_path: Path) -> None:
+    # TensorBoard: weight counts of the finite weights, read in chunks of 7 elements; the
+    # |w - w0| histogram is the analysis' own exact bins (NaN out, inf in the top bin)
+    model, stats, groups = _moved_model()
+    tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+    log_epoch([tb], model, groups, [], 0, stats, chunk_elems=7)
+    tb.experiment.flush()
+    ea = events(tmp_path / "tb" / "version_0")
+    w = model[0].weight.detach().double().numpy()
+    finite = w[np.isfinite(w)]
+    [h] = ea.Histograms("weights/0.weight")
+    assert h.step == 1 and h.histogram_value.num == finite.size == 29
+    assert sum(h.histogram_value.bucket) == 29
+    assert (h.histogram_value.min, h.histogram_value.max) == (finite.min(), finite.max())
+    assert h.histogram_value.sum == pytest.approx(finite.sum(), rel=1e-12)
+    [d] = ea.Histograms("abs_delta_log10/0.weight")
+    assert list(d.histogram_value.bucket) == stats["0.weight"].hist.tolist()
+    assert sum(d.histogram_value.bucket) == 12  # two rows of 6 moved; the NaN left out
+    [inf] = ea.Histograms("abs_delta_log10/1.weight")
+    assert inf.histogram_value.bucket[-1] == 1 and sum(inf.histogram_value.bucket) == 1
+    assert len(DELTA_EDGES) - 1 == len(d.histogram_value.bucket)
+
+
+def test_awake_chart_at_a_threshold_with_more_than_six_digits() -> None:
+    # the history names thresholds with 6 significant digits: the chart reads them back so
+    model, stats, groups = _moved_model()
+    history = [
+        {"epoch": e, "name": n, "numel": 1, "awake_pct@0": 50.0, "awake_pct@0.000123457": 25.0}
+        for e in (-1, 0)
+        for n in [*groups, "all"]
+    ]
+    wb = RecordingWandb()
+    log_epoch([wb], model, groups, history, 0, stats)
+    [payload] = wb.logged
+    chart = payload[AWAKE_CHART]
+    assert chart.spec.string_fields["title"] == "awake % per layer (|w - w0| > 0.000123457)"
+    assert [row[2] for row in chart.table.data] == [25.0] * 5  # 4 layers and all, epoch 0
+    assert sum(payload["weights/0.weight"].histogram) == 29  # the finite weights
 
 
 def test_markdown_table() -> None:

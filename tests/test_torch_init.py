@@ -540,6 +540,16 @@ def test_bfloat16_weights_at_init_are_unchanged_for_every_reader(scheme: str) ->
     assert analyze_module(model, plan, (0.0,))["changed@0"].tolist()[:2] == [1, 0]
 
 
+def test_a_repeated_threshold_is_counted_once() -> None:
+    model = nn.Linear(8, 4)
+    plan = init_module(model, 0, "he")
+    with torch.no_grad():
+        model.weight[0] += 1.0
+    table = analyze_module(model, plan, (1e-5, 0.0, 1e-5))
+    assert [c for c in table.columns if c.startswith("changed@")] == ["changed@1e-05", "changed@0"]
+    assert table.set_index("name").loc["weight", "awake_pct@1e-05"] == 100 * 8 / 32
+
+
 # ------------------------------------------------------------------------------ memory
 
 

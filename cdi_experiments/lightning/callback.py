@@ -28,6 +28,8 @@ from cdi_experiments.generator import schemes
 from cdi_experiments.generator.core import DEFAULT_CHUNK_ELEMS, check_threshold
 from cdi_experiments.lightning.dashboards import log_epoch
 from cdi_experiments.modules import (
+    DEFAULT_QUANTILES,
+    DEFAULT_THRESHOLDS,
     DELTA_EDGES,
     DeltaStats,
     Plan,
@@ -40,10 +42,6 @@ from cdi_experiments.modules.naming import parameter_kinds
 from cdi_experiments.paths import RunPaths, atomic_write_csv
 
 log = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLDS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
-
 
 MODES = ("generate", "record")
 LOG_PER = ("auto", "parameter", "type", "total")
@@ -539,22 +537,22 @@ class DeterministicInitCallback(Callback):
                             }
                         )
         if trainer.is_global_zero:
-            self._log_histograms(trainer, pl_module, epoch)
+            self._log_histograms(trainer, pl_module, epoch, stats)
             self._write_files()
 
-    def _log_histograms(self, trainer: pl.Trainer, pl_module, epoch: int) -> None:
+    def _log_histograms(
+        self, trainer: pl.Trainer, pl_module, epoch: int, stats: Mapping[str, DeltaStats]
+    ) -> None:
         """The epoch's dashboards on the trainer's W&B and TensorBoard loggers: the per-layer
         awake table and chart, and (with ``histograms``) weight and ``|w - w0|`` histograms
         (:func:`cdi_experiments.lightning.dashboards.log_epoch`)."""
         log_epoch(
             trainer.loggers,
             tracked_module(pl_module),
-            self.plan,
             self.groups(),
             self.history,
             epoch,
-            self.thresholds,
-            histograms=self.histograms,
+            self.logged_stats(stats) if self.histograms else None,
             chunk_elems=self.chunk_elems,
         )
 

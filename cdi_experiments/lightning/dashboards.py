@@ -34,7 +34,8 @@ from pytorch_lightning import loggers as pl_loggers
 from pytorch_lightning.utilities import rank_zero_only
 
 from cdi_experiments.generator.core import DEFAULT_CHUNK_ELEMS
-from cdi_experiments.modules import Plan, canonical_named_parameters, param_deltas
+from cdi_experiments.modules import DELTA_EDGES, DeltaStats, canonical_named_parameters
+from cdi_experiments.modules.sharding import local_part
 
 # The per-group keys the callback logs: awake/<g>@<t>, delta_mean/<g>, delta_q50/<g>...
 _PER_GROUP = re.compile(r"(awake/(?P<a>.+)@[^@/]+|delta_[a-z0-9]+/(?P<d>.+))")
@@ -76,7 +77,10 @@ class WandbLogger(pl_loggers.WandbLogger):
         hidden = self.__dict__.setdefault("_hidden_keys", set())
         new = [k for k in metrics if k not in hidden and per_layer_key(k)]
         for key in new:  # once per key and process (a resumed run defines them again)
-            self.experiment.define_metric(key, hidden=True)
+            # an explicit definition replaces Lightning's "*" one: keep its x-axis
+            self.experiment.define_metric(
+                key, step_metric="trainer/global_step", step_sync=True, hidden=True
+            )
         hidden.update(new)
         super().log_metrics(metrics, step)
 
@@ -251,91 +255,151 @@ def chart_threshold(thresholds: Sequence[float]) -> float:
     return min(positive) if positive else min(thresholds)
 
 
-def _group_arrays(
-    module: torch.nn.Module, plan: Plan, groups: Mapping[str, str], chunk_elems: int
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per logged group: every weight, and every ``|w - w0|`` that is not 0 (of a sharded
-    parameter, this rank's shard)."""
+WEIGHT_BINS = 64
+"""Bins of the weight histograms (W&B's own default)."""
+
+
+class _Hist:
+    """A histogram on fixed edges, with the raw moments TensorBoard shows (min, max, count,
+    sum, sum of squares)."""
+
+    def __init__(self, counts: np.ndarray, edges: np.ndarray, lo: float, hi: float, moments):
+        self.counts, self.edges, self.min, self.max = counts, edges, lo, hi
+        self.num, self.sum, self.sum_squares = moments
+
+
+def _flat_chunks(t: torch.Tensor, chunk_elems: int) -> Iterable[np.ndarray]:
+    """The finite values of ``t`` as float64 numpy chunks of at most ``chunk_elems``."""
+    flat = t.detach().reshape(-1)
+    for a in range(0, flat.numel(), chunk_elems):
+        c = flat[a : a + chunk_elems].cpu().double().numpy()
+        yield c[np.isfinite(c)]
+
+
+def _weight_histograms(
+    module: torch.nn.Module, groups: Mapping[str, str], chunk_elems: int
+) -> dict[str, _Hist]:
+    """Per logged group, the histogram of its weights' finite values (of a sharded parameter,
+    this rank's shard), in two passes over bounded chunks: the range, then the counts."""
     params = dict(canonical_named_parameters(module))
-    weights: dict[str, list[np.ndarray]] = {}
-    moved: dict[str, list[np.ndarray]] = {}
+    members: dict[str, list[torch.Tensor]] = {}
     for name, group in groups.items():
-        w = params[name].detach()
-        if hasattr(w, "to_local"):  # a DTensor (FSDP2): this rank's shard, no communication
-            w = w.to_local()
-        weights.setdefault(group, []).append(w.cpu().float().numpy().ravel())
-        for _, d in param_deltas(params, plan, name, chunk_elems):
-            d = np.abs(np.asarray(d, dtype=np.float64).ravel())
-            moved.setdefault(group, []).append(d[d > 0])
-    w = {g: np.concatenate(ws) for g, ws in weights.items()}
-    m = {g: np.concatenate(moved.get(g, [np.empty(0)])) for g in weights}
-    return w, m
+        members.setdefault(group, []).append(local_part(params[name]))
+    out = {}
+    for group, tensors in members.items():
+        lo, hi, num, total, squares = math.inf, -math.inf, 0, 0.0, 0.0
+        for t in tensors:
+            for c in _flat_chunks(t, chunk_elems):
+                if c.size:
+                    lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+                    num, total, squares = num + c.size, total + c.sum(), squares + (c * c).sum()
+        if num == 0:
+            lo = hi = 0.0
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, WEIGHT_BINS + 1)
+        counts = np.zeros(WEIGHT_BINS, np.int64)
+        for t in tensors:
+            for c in _flat_chunks(t, chunk_elems):
+                counts += np.histogram(c, bins=edges)[0]
+        out[group] = _Hist(counts, edges, lo, hi, (num, float(total), float(squares)))
+    return out
+
+
+def _delta_histogram(st: DeltaStats) -> _Hist | None:
+    """``log10 |w - w0|`` of the weights that moved, from the analysis' exact bins (no second
+    pass over the weights): DELTA_EDGES' log-spaced bins, its outer bins ([0, 1e-10) and
+    [10, inf]) drawn one step beyond them. None when nothing moved."""
+    if not st.hist.any():
+        return None
+    inner = np.log10(DELTA_EDGES[1:-1])
+    step = inner[1] - inner[0]
+    edges = np.concatenate([[inner[0] - step], inner, [inner[-1] + step]])
+    centres = (edges[:-1] + edges[1:]) / 2
+    nz = np.flatnonzero(st.hist)
+    moments = (
+        int(st.hist.sum()),
+        float((st.hist * centres).sum()),
+        float((st.hist * centres**2).sum()),
+    )
+    return _Hist(st.hist.copy(), edges, float(edges[nz[0]]), float(edges[nz[-1] + 1]), moments)
+
+
+def _tb_histogram(writer: Any, tag: str, h: _Hist, step: int) -> None:
+    writer.add_histogram_raw(
+        tag,
+        min=h.min,
+        max=h.max,
+        num=h.num,
+        sum=h.sum,
+        sum_squares=h.sum_squares,
+        bucket_limits=h.edges[1:].tolist(),
+        bucket_counts=h.counts.tolist(),
+        global_step=step,
+    )
 
 
 def log_epoch(
     loggers: Iterable[Any],
     module: torch.nn.Module,
-    plan: Plan,
     groups: Mapping[str, str],
     history: Sequence[Mapping[str, Any]],
     epoch: int,
-    thresholds: Sequence[float],
-    histograms: bool = True,
+    stats: Mapping[str, DeltaStats] | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> None:
     """The epoch's dashboards, for each W&B and TensorBoard logger among ``loggers``.
 
     W&B, once an epoch is trained: :data:`AWAKE_TABLE` (every epoch so far, the initial
     weights' epoch -1 included) and :data:`AWAKE_CHART` (the awake share per layer at
-    :func:`chart_threshold`, per trained epoch); with ``histograms``, ``weights/<g>`` and
+    :func:`chart_threshold`, per trained epoch); with ``stats``, ``weights/<g>`` and
     ``abs_delta_log10/<g>`` (``log10 |w - w0|`` of the entries that moved) at W&B's ``epoch``
     ``max(epoch, 0)``.
-    TensorBoard: with ``histograms``, ``weights/<g>`` and ``abs_delta_log10/<g>`` histograms
-    at step ``epoch + 1`` (epochs trained: 0 is the initial weights).
+    TensorBoard: with ``stats``, ``weights/<g>`` and ``abs_delta_log10/<g>`` histograms at step
+    ``epoch + 1`` (epochs trained: 0 is the initial weights).
+
+    Memory stays bounded by ``chunk_elems``: the ``|w - w0|`` histograms are the analysis'
+    own exact bins (``stats``: whole tensors, all ranks), and the weight histograms are
+    counted chunk by chunk (of a sharded parameter, the logging rank's shard). Non-finite
+    weights are left out; an infinite delta counts in the top bin.
 
     Args:
         loggers: the trainer's loggers (others are skipped).
         module: the tracked network.
-        plan: its initial weights' plan (regenerates ``w0``).
         groups: tracked parameter name -> logged group (the callback's ``groups()``).
         history: the callback's history rows (every analysed epoch so far).
         epoch: the epoch just analysed (-1: the initial weights).
-        thresholds: the tracked thresholds.
-        histograms: whether to log histograms.
-        chunk_elems: elements regenerated at once.
+        stats: the epoch's analysis per logged group (the callback's ``logged_stats``), or
+            None to log no histograms.
+        chunk_elems: elements read at once for the weight histograms.
     """
     wandb_loggers = [lg for lg in loggers if isinstance(lg, pl_loggers.WandbLogger)]
     tb_loggers = [lg for lg in loggers if isinstance(lg, pl_loggers.TensorBoardLogger)]
     if not (wandb_loggers or tb_loggers):
         return
-    arrays = _group_arrays(module, plan, groups, chunk_elems) if histograms else None
+    hists: dict[str, _Hist] = {}
+    if stats is not None:
+        for group, h in _weight_histograms(module, groups, chunk_elems).items():
+            hists[f"weights/{group}"] = h
+            moved = _delta_histogram(stats[group])
+            if moved is not None:  # nothing has moved at init: no histogram to draw
+                hists[f"abs_delta_log10/{group}"] = moved
     for lg in tb_loggers:
-        if arrays is None:
-            break
-        writer = lg.experiment
-        for group, w in arrays[0].items():
-            writer.add_histogram(f"weights/{group}", w, global_step=epoch + 1)
-            if arrays[1][group].size:  # nothing has moved at init: no histogram to draw
-                writer.add_histogram(
-                    f"abs_delta_log10/{group}", np.log10(arrays[1][group]), global_step=epoch + 1
-                )
+        for tag, h in hists.items():
+            _tb_histogram(lg.experiment, tag, h, epoch + 1)
     if not wandb_loggers:
         return
     import wandb  # lazy: only W&B runs pay its import
 
-    payload: dict[str, Any] = {}
-    if arrays is not None:
-        for group, w in arrays[0].items():
-            payload[f"weights/{group}"] = wandb.Histogram(w)
-            if arrays[1][group].size:
-                payload[f"abs_delta_log10/{group}"] = wandb.Histogram(np.log10(arrays[1][group]))
+    payload: dict[str, Any] = {
+        tag: wandb.Histogram(np_histogram=(h.counts, h.edges)) for tag, h in hists.items()
+    }
     long = awake_long(history, groups)
     if not long.empty and (long["epoch"] >= 0).any():
         payload[AWAKE_TABLE] = wandb.Table(
             columns=list(long.columns),
             data=[[int(e), str(g), float(t), float(p)] for e, g, t, p in long.to_numpy()],
         )
-        t = chart_threshold(thresholds)
+        # the thresholds as the history's columns name them (6 significant digits)
+        t = chart_threshold(sorted(long["threshold"].unique()))
         # trained epochs only: the initial weights' 0 % would stretch the axis from 0 to 100
         # and flatten the curves (99.2 % vs 99.9 % is what the chart is for)
         trained = long[(long["threshold"] == t) & (long["epoch"] >= 0)]

@@ -3,6 +3,8 @@ an init made elsewhere), canonical parameter names through wrappers, and how far
 parameter moved from its initial value."""
 
 from cdi_experiments.modules.analysis import (
+    DEFAULT_QUANTILES,
+    DEFAULT_THRESHOLDS,
     DELTA_EDGES,
     DeltaStats,
     analyze_module,
@@ -28,6 +30,8 @@ from cdi_experiments.modules.plan import (
 )
 
 __all__ = [
+    "DEFAULT_QUANTILES",
+    "DEFAULT_THRESHOLDS",
     "DELTA_EDGES",
     "LAYER_ID_MODES",
     "Block",

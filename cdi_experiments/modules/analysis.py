@@ -386,10 +386,21 @@ def _all_reduce_stats(stats: list[DeltaStats], device: torch.device) -> None:
         s.total_sum, s.max = total_sum, mx
 
 
+DEFAULT_THRESHOLDS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+"""``|w - w0|`` thresholds tracked by default; 0 means exactly unchanged."""
+DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+"""Quantiles of ``|w - w0|`` reported by default (read from the exact histograms)."""
+
+
+def thresholds_of(thresholds: Iterable[float]) -> tuple[float, ...]:
+    """Validated thresholds, each once, in the given order (a repeat would count twice)."""
+    return tuple(dict.fromkeys(check_threshold(t) for t in thresholds))
+
+
 def delta_stats(
     source: nn.Module | Mapping[str, torch.Tensor],
     plan: Plan,
-    thresholds: Iterable[float] = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
+    thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
     *,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> dict[str, DeltaStats]:
@@ -400,7 +411,7 @@ def delta_stats(
     process group (a shard replicated over a mesh dimension is counted once), so every rank
     gets the numbers of the whole tensors: counts and bins exact, sums up to rounding.
     """
-    ts = tuple(check_threshold(t) for t in thresholds)
+    ts = thresholds_of(thresholds)
     tensors = _source_tensors(source)
     weights = {name: _weight(tensors, plan, name) for name in plan.names()}
     sharded = [name for name, w in weights.items() if is_dtensor(w)]
@@ -421,10 +432,10 @@ def delta_stats(
 def analyze_module(
     source: nn.Module | Mapping[str, torch.Tensor],
     plan: Plan,
-    thresholds: Iterable[float] = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
+    thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
     *,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-    quantiles: Iterable[float] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99),
+    quantiles: Iterable[float] = DEFAULT_QUANTILES,
 ) -> pd.DataFrame:
     """Per-parameter table of how far each tensor moved from its initial value.
 
@@ -440,7 +451,7 @@ def analyze_module(
         and, per threshold ``t``, ``changed@t`` and ``awake_pct@t``; plus a final
         ``__total__`` row.
     """
-    ts = tuple(check_threshold(t) for t in thresholds)
+    ts = thresholds_of(thresholds)
     qs = tuple(quantiles)
     stats = delta_stats(source, plan, ts, chunk_elems=chunk_elems)
     rows = []
