@@ -90,20 +90,25 @@ class RunPaths:
 
 
 class DiskFullError(OSError):
-    """No space left while writing a result file (``ENOSPC`` or ``EDQUOT``); one line.
+    """No space left while writing a result file (``ENOSPC``, or ``EDQUOT``: a quota); one
+    line, naming which.
 
     Attributes:
         path: The file that could not be written (it is left as it was).
         filesystem: The mount point of the filesystem that is full.
     """
 
-    def __init__(self, path: Path, filesystem: Path) -> None:
+    def __init__(self, path: Path, filesystem: Path, code: int = errno.ENOSPC) -> None:
         self.path = path
         self.filesystem = filesystem
+        if code == errno.EDQUOT:
+            what, fix = "your disk quota is used up", "free space or raise the quota"
+        else:
+            what, fix = "no space left", "free space"
         super().__init__(
-            errno.ENOSPC,
-            f"cannot write {path}: no space left on {filesystem} (No space left on device); "
-            f"free space on {filesystem} and rerun",
+            code,
+            f"cannot write {path}: {what} on {filesystem} ({os.strerror(code)}); "
+            f"{fix} on {filesystem} and rerun",
         )
 
     def __str__(self) -> str:
@@ -127,13 +132,20 @@ def _is_full(exc: OSError) -> bool:
 TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ``.<name>.<random>.tmp`` beside the target
 
 
-def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed :func:`atomic_write` left under ``root``.
+def remove_stale_temps(root: str | os.PathLike, exclude: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left under ``root``, except in
+    its subfolders named in ``exclude`` (another program's, under a lock of their own).
 
-    Call it only while holding the directory's lock (:mod:`cdi_experiments.run.lock`): then no
-    other writer can be mid-write. Returns the files removed.
+    Call it only while holding the directory's lock (:mod:`cdi_experiments.run.lock`), in the
+    lock's holder (rank 0): then no other writer can be mid-write. Returns the files removed.
     """
-    stale = [p for p in Path(root).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    root = Path(root)
+    skip = {root / name for name in exclude}
+    stale = [
+        p
+        for p in root.rglob(f".*{TEMP_SUFFIX}")
+        if p.is_file() and not any(p.is_relative_to(d) for d in skip)
+    ]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -156,7 +168,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as exc:
         if _is_full(exc):
-            raise DiskFullError(path, mount_point(path.parent)) from None
+            raise DiskFullError(path, mount_point(path.parent), exc.errno) from None
         raise
     os.close(fd)
     try:
@@ -168,7 +180,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and _is_full(exc):
-            raise DiskFullError(path, mount_point(path.parent)) from None
+            raise DiskFullError(path, mount_point(path.parent), exc.errno) from None
         raise
 
 
@@ -177,20 +189,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
+class _RecordingWriter:
+    """A binary file's ``write`` that keeps the first OSError it raised (torch.save wraps it)."""
+
+    def __init__(self, f: io.BufferedWriter) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(path: str | os.PathLike, obj: object) -> None:
     """:func:`atomic_write` of ``torch.save(obj)``, durable: the file is fsynced before the
     rename and the directory after it, so the rename itself survives a power loss
     (checkpoints, exported models)."""
     import torch
 
-    # Serialized in memory first: torch's own file writer reports a full disk as a bare
-    # RuntimeError ("file write failed"), Python's as OSError(ENOSPC), which we can name.
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
-            f.write(buffer.getbuffer())
+            sink = _RecordingWriter(f)
+            try:
+                torch.save(obj, sink)  # streamed: no in-memory copy of the checkpoint
+            except RuntimeError:
+                # torch reports a failed write as a bare RuntimeError ("unexpected pos ...");
+                # the file's own OSError (ENOSPC...) is the one that names the problem
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
 

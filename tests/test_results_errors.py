@@ -172,6 +172,20 @@ def test_full_disk_is_one_line_naming_file_and_filesystem(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no temp file left
 
 
+def test_a_used_up_quota_is_named_as_such(tmp_path):
+    def over_quota(tmp: Path) -> None:
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    with pytest.raises(paths.DiskFullError) as info:
+        paths.atomic_write(tmp_path / "metrics.csv", over_quota)
+    fs = paths.mount_point(tmp_path)
+    assert str(info.value) == (
+        f"cannot write {tmp_path / 'metrics.csv'}: your disk quota is used up on {fs} "
+        f"({os.strerror(errno.EDQUOT)}); free space or raise the quota on {fs} and rerun"
+    )
+    assert info.value.errno == errno.EDQUOT
+
+
 def test_full_disk_for_csv_and_torch_writers(tmp_path, monkeypatch):
     """The CSV and torch writers (torch's own file writer would say a bare RuntimeError)."""
     # the torch writer syncs its temporary file before the rename: a full disk (or quota)
@@ -225,3 +239,10 @@ def test_stale_temp_files_are_removed_and_results_kept(tmp_path):
     assert paths.remove_stale_temps(tmp_path) == [stale]
     assert not stale.exists() and all(p.exists() for p in kept)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(paths.TEMP_SUFFIX)) == []
+    # another program's folder (cdi-prune's, under its own lock) is left alone
+    (tmp_path / "prune" / "p1").mkdir(parents=True)
+    theirs = tmp_path / "prune" / "p1" / ".prune_results.csv.x1.tmp"
+    theirs.write_text("being written")
+    stale.write_bytes(b"half a png")
+    assert paths.remove_stale_temps(tmp_path, exclude=("prune",)) == [stale]
+    assert theirs.exists()

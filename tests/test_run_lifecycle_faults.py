@@ -45,6 +45,11 @@ class SignalAt(Callback):
         if self.moment == "test_end":
             os.kill(os.getpid(), self.signum)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # before Lightning installs its own SIGTERM handler (which resets its flag)
+        if self.moment == "setup" and stage == "fit":
+            os.kill(os.getpid(), self.signum)
+
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
     return {
@@ -128,6 +133,28 @@ def test_a_signal_exits_non_zero_and_resumes_exactly(
     cli_ok(run_cli(args, cwd=tmp_path))  # the same command, without the signal
     assert status(run)["state"] == "finished"
     assert_same_run(run, reference)
+
+
+def test_a_sigterm_while_fit_sets_up_stops_before_any_epoch(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    stopping = [
+        *SHRINK,
+        "trainer.max_epochs=2",
+        "resume=false",
+        f"hydra.run.dir={run}",
+        f"+callbacks.stop._target_={HERE}.SignalAt",
+        f"+callbacks.stop.signum={int(signal.SIGTERM)}",
+        "+callbacks.stop.moment=setup",
+    ]
+    proc = run_cli(stopping, cwd=tmp_path, env=env)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        f"cdi-train: error: {run}: interrupted by SIGTERM; rerunning the same command starts "
+        "over (resume=false)"
+    )
+    assert status(run)["state"] == "interrupted"
+    assert not (run / "checkpoints" / "last.ckpt").exists()  # no epoch was trained
 
 
 def test_a_second_writer_is_refused_and_writes_nothing(tmp_path: Path) -> None:

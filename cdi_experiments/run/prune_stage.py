@@ -46,6 +46,7 @@ from cdi_experiments.paths import (
     atomic_torch_save,
     atomic_write_csv,
     atomic_write_text,
+    remove_stale_temps,
 )
 from cdi_experiments.pruning import (
     format_table,
@@ -474,6 +475,8 @@ def prune_checkpoint(
     with run_lock(out, "cdi-prune"):
         if _is_done(out, key):  # another process finished it while this one loaded
             return PruneOutcome(out, skipped=True)
+        for stale in remove_stale_temps(out):  # a killed cdi-prune's half-written file
+            log.info("removed %s, left by an interrupted write", stale)
         _check_out(out, key, explicit)
         dm.setup("fit")  # the data is checked (and decoded) before anything is written
         dm.setup("test")

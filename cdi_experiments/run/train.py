@@ -51,10 +51,10 @@ from cdi_experiments.generator import bits as B
 from cdi_experiments.lightning.callback import InitIdentityError
 from cdi_experiments.lightning.classifier import NonFiniteLossError
 from cdi_experiments.lightning.csv_logger import pending_row, saved_metrics
-from cdi_experiments.paths import RunPaths, atomic_write_text, remove_stale_temps
+from cdi_experiments.paths import PRUNE_DIR, RunPaths, atomic_write_text, remove_stale_temps
 from cdi_experiments.run import build
 from cdi_experiments.run.ddp import ddp_ranks_per_job
-from cdi_experiments.run.lock import run_lock
+from cdi_experiments.run.lock import is_rank_zero, run_lock
 from cdi_experiments.run.prune_stage import run_prune_stage
 from cdi_experiments.run.report import run_figures, summarize_run
 from cdi_experiments.run.resume import callback_state, check_resume, epochs_done, identity_error
@@ -195,8 +195,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             return skipped, {"paths": paths, "skipped": True}
     ckpt = check_resume(cfg, paths.root)  # before anything is written to the run directory
     with run_lock(paths.root, "cdi-train"):
-        for stale in remove_stale_temps(paths.root):  # a killed run's half-written file
-            log.info("removed %s, left by an interrupted write", stale)
+        # a killed run's half-written files; only the lock's holder looks (other ranks may be
+        # writing), and not in prune/ (cdi-prune's, under its own lock)
+        if is_rank_zero():
+            for stale in remove_stale_temps(paths.root, exclude=(PRUNE_DIR,)):
+                log.info("removed %s, left by an interrupted write", stale)
         return _train_locked(cfg, paths, ckpt, fingerprint)
 
 
@@ -265,7 +268,7 @@ def _train_locked(
             )
             resumed_metrics = saved_metrics(ckpt)
             del ckpt
-            trainer = build.build_trainer(cfg, paths, loggers, callbacks)
+            trainer = build.build_trainer(cfg, paths, loggers, [*callbacks, signals.callback()])
             ckpt_path = str(paths.last_ckpt) if cfg.resume and paths.last_ckpt.exists() else None
             if ckpt_path:
                 log.info("resuming from %s", ckpt_path)
@@ -308,7 +311,7 @@ def _train_locked(
         if not signum:  # a SystemExit of somebody else's (e.g. a scheduler's requeue)
             _record(paths, "interrupted", fingerprint, f"exited: {one_line(exc)}")
             raise
-        reason = _interrupted_reason(signal.Signals(signum).name, paths)
+        reason = _interrupted_reason(signal.Signals(signum).name, paths, bool(cfg.resume))
         _record(paths, "interrupted", fingerprint, reason)
         raise RunInterruptedError(f"{paths.root}: {reason}", signum) from None
     except BaseException as exc:
@@ -335,7 +338,9 @@ def _record(paths: RunPaths, state: str, fingerprint: str, reason: str) -> None:
         log.warning("could not record status %s in %s: %s", state, paths.root, one_line(exc))
 
 
-def _interrupted_reason(name: str, paths: RunPaths) -> str:
+def _interrupted_reason(name: str, paths: RunPaths, resume: bool) -> str:
+    if not resume:
+        return f"interrupted by {name}; rerunning the same command starts over (resume=false)"
     if paths.last_ckpt.exists():
         where = f"from {paths.last_ckpt} (the last epoch end; what came after it is redone)"
     else:
@@ -381,6 +386,22 @@ class _StopSignals:
             self._lightning = False
         if self.received:  # arrived in a loop's last step, which Lightning lets finish: stop now
             raise _Interrupted
+
+    def callback(self) -> pl.Callback:
+        """A callback that stops the run where Lightning's loops start: a signal that came
+        while ``fit`` or ``test`` was still setting up (data, init, restoring a checkpoint),
+        before Lightning's own handler was installed, would otherwise go unseen by Lightning
+        (it resets its flag when it installs the handler) until the whole fit had run."""
+        signals = self
+
+        class StopIfSignalled(pl.Callback):
+            def _check(self, *args: Any) -> None:
+                if signals.received:
+                    raise _Interrupted
+
+            on_train_start = on_train_epoch_start = on_test_start = _check
+
+        return StopIfSignalled()
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = self.received or signum
