@@ -62,6 +62,20 @@ def test_a_row_already_in_the_file_is_not_written_twice(tmp_path: Path):
     assert resume(tmp_path, 0, PENDING) == [VAL0, TRAIN0]
 
 
+def test_an_earlier_epochs_row_does_not_hide_the_pending_one(tmp_path: Path):
+    # killed after epoch 1's checkpoint: epoch 0's train row holds the same keys, but epoch
+    # 1's row is still missing and comes back
+    write(tmp_path / "metrics.csv", [VAL0, TRAIN0, VAL1])
+    pending = {**PENDING, "epoch": 1, "step": 9, "train/acc": 0.5}
+    rows = resume(tmp_path, 1, pending)
+    assert [(r["epoch"], r["train/acc"]) for r in rows] == [
+        ("0", ""),
+        ("0", TRAIN0["train/acc"]),
+        ("1", ""),
+        ("1", "0.5"),
+    ]
+
+
 @pytest.mark.parametrize("keep", [1, None])
 def test_a_row_for_another_epoch_or_a_fresh_run_is_ignored(tmp_path: Path, keep):
     write(tmp_path / "metrics.csv", [VAL0, VAL1])

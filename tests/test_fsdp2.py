@@ -177,6 +177,8 @@ def test_fsdp2_cnn_distributed_checkpoint_and_resume(tmp_path: Path) -> None:
     last = run / "checkpoints" / "last.ckpt"
     assert is_distributed_checkpoint(last)
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # written beside it and swapped in: nothing else is left in checkpoints/
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
     layers = pd.read_csv(run / "layer_changes.csv")
     assert_rows_match_offline_analysis(layers.query("epoch == 0"), last)
     assert_prunes(run, last)
@@ -187,6 +189,7 @@ def test_fsdp2_cnn_distributed_checkpoint_and_resume(tmp_path: Path) -> None:
     layers = pd.read_csv(run / "layer_changes.csv")
     assert sorted(set(layers["epoch"])) == [-1, 0, 1]  # the first run's rows, and one more
     assert_rows_match_offline_analysis(layers.query("epoch == 1"), last)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
 
 
 @pytest.mark.integration
@@ -333,7 +336,7 @@ BAD = {
     ),
     "+trainer.strategy.save_distributed_chekpoint=true": (
         "trainer.strategy.save_distributed_chekpoint=True is not allowed: "
-        "pytorch_lightning.strategies.ModelParallelStrategy takes no argument "
+        "cdi_experiments.lightning.checkpoint_io.AtomicModelParallelStrategy takes no argument "
         "'save_distributed_chekpoint'; did you mean trainer.strategy.save_distributed_checkpoint?"
     ),
     "trainer.devices=auto": (

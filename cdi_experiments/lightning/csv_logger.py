@@ -59,7 +59,12 @@ class _KeepingWriter(ExperimentWriter):
         pending = self._pending
         if pending is not None and int(pending["epoch"]) == self._keep_upto:
             logged = set(pending) - {"epoch", "step"}
-            if not any(logged & {k for k, v in r.items() if v not in ("", None)} for r in rows):
+            # already written when a row of the same epoch holds any of its keys (earlier
+            # epochs' rows hold the same keys and say nothing about this one)
+            same_epoch = [r for r in rows if int(r["epoch"]) == self._keep_upto]
+            if not any(
+                logged & {k for k, v in r.items() if v not in ("", None)} for r in same_epoch
+            ):
                 rows.append(dict(pending))  # the row the interruption kept from the file
                 header = [*header, *(k for k in pending if k not in header)]
         self.metrics_keys = sorted(header)

@@ -19,6 +19,10 @@ read here into the same dict as a file, in one process, without a process group
 ``weights_only=True``. ``.metadata`` is a plain pickle, which torch's own reader unpickles with
 ``pickle.load`` (code would run); here it is unpickled with a restricted unpickler that admits
 only the classes of DCP's index (dataclasses, ``torch.Size``, dtypes) and refuses any other.
+Such a folder is saved beside its name and swapped in
+(:mod:`cdi_experiments.lightning.checkpoint_io`); where a kill left the swap half done, the
+folder is missing until ``cdi-train`` resumes the run (which restores it), and the message
+says so.
 """
 
 from __future__ import annotations
@@ -75,10 +79,27 @@ def check_checkpoint_path(path: str | os.PathLike) -> Path:
             f"{path / CHECKPOINT_DIR / LAST_CKPT}"
         )
     if not path.exists():
+        if _swap_left(path):
+            raise CheckpointError(
+                f"checkpoint {path} is missing: a kill interrupted its save (its complete copy "
+                f"is a hidden .{path.name}.dcp-* folder beside it); rerun the run's cdi-train "
+                "command to restore it, then pass it again"
+            )
         raise CheckpointError(
             f"checkpoint {path} does not exist; pass a .ckpt from <run>/{CHECKPOINT_DIR}/"
         )
     return path
+
+
+def _swap_left(path: Path) -> bool:
+    """Whether a half-done DCP swap left ``path``'s complete copy beside it."""
+    siblings = path.parent.glob(f".{path.name}.dcp-*") if path.parent.is_dir() else ()
+    if not any(siblings):  # (checked first: the names' module imports Lightning)
+        return False
+    from cdi_experiments.lightning.checkpoint_io import swap_paths  # lazy: Lightning
+
+    swap = swap_paths(path)
+    return swap.ready.is_dir() or swap.old.is_dir()
 
 
 def read_checkpoint_bytes(path: str | os.PathLike) -> bytes:

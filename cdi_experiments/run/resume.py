@@ -7,11 +7,15 @@ epochs the checkpoint holds.
 
 A ``trainer=fsdp2`` run may checkpoint into a DCP folder (``last.ckpt/``); it is checked here like
 a file, read safely (:func:`~cdi_experiments.run.checkpoint.load_distributed_checkpoint`), before
-Lightning loads it (whose DCP reader unpickles the folder's index without restriction).
+Lightning loads it (whose DCP reader unpickles the folder's index without restriction). A DCP
+save is a swap of folders (:mod:`cdi_experiments.lightning.checkpoint_io`); one a kill left half
+done is finished or undone first (:func:`recover_checkpoints`), so a resume always finds the last
+complete checkpoint as ``last.ckpt``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -19,7 +23,10 @@ from omegaconf import DictConfig
 
 from cdi_experiments.paths import RunPaths
 from cdi_experiments.run.checkpoint import init_state, load_checkpoint
+from cdi_experiments.run.lock import is_rank_zero, run_lock
 from cdi_experiments.run.schema import ConfigError
+
+log = logging.getLogger(__name__)
 
 # The init callback's identity fields -> the config keys that set them (configs/callbacks).
 INIT_KEYS = {
@@ -65,6 +72,35 @@ def _diff(theirs: Any, ours: Any, prefix: str) -> str:
     )
 
 
+def recover_checkpoints(paths: RunPaths) -> list[str]:
+    """Finish or undo the DCP checkpoint swaps a killed ``trainer=fsdp2`` run left half done in
+    ``paths.checkpoints``, so that ``last.ckpt`` is the last complete checkpoint
+    (:func:`~cdi_experiments.lightning.checkpoint_io.recover_checkpoint_dir`).
+
+    Only rank 0 does it, holding the run lock (ranks 1..N-1 start after it, when rank 0 already
+    recovered); nothing is done, and Lightning not imported, unless the checkpoint directory
+    holds a hidden entry.
+
+    Returns:
+        What was done, one entry per checkpoint (each logged).
+
+    Raises:
+        RunLockedError: Another process is writing the run directory (its swap is no leftover).
+    """
+    directory = paths.checkpoints
+    if not is_rank_zero() or not directory.is_dir():
+        return []
+    if not any(p.name.startswith(".") for p in directory.iterdir()):
+        return []
+    from cdi_experiments.lightning.checkpoint_io import recover_checkpoint_dir  # lazy: Lightning
+
+    with run_lock(paths.root, "cdi-train"):
+        done = recover_checkpoint_dir(directory)
+    for line in done:
+        log.info("recovered an interrupted checkpoint save: %s", line)
+    return done
+
+
 def check_resume(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The checkpoint ``run_dir`` would resume from, after checking it matches ``cfg``.
 
@@ -82,9 +118,15 @@ def check_resume(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] 
         ConfigError: The checkpoint's initial weights came from another seed or init config,
             or it holds another model, optimizer, scheduler or data stream (the message names
             each difference).
+        RunLockedError: A half-done checkpoint swap is to be recovered while another process
+            writes the run directory (:func:`recover_checkpoints`).
     """
-    path = RunPaths(run_dir).last_ckpt
-    if not cfg.resume or not path.exists():
+    paths = RunPaths(run_dir)
+    path = paths.last_ckpt
+    if not cfg.resume:
+        return None
+    recover_checkpoints(paths)
+    if not path.exists():
         return None
     # Lightning is imported only here, where a checkpoint exists (not for a fresh run's check).
     from cdi_experiments.lightning.callback import InitIdentityError
@@ -124,4 +166,11 @@ def check_resume(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] 
     return ckpt
 
 
-__all__ = ["INIT_KEYS", "callback_state", "check_resume", "epochs_done", "identity_error"]
+__all__ = [
+    "INIT_KEYS",
+    "callback_state",
+    "check_resume",
+    "epochs_done",
+    "identity_error",
+    "recover_checkpoints",
+]
