@@ -121,6 +121,41 @@ def test_limit_caps_every_split() -> None:
 def test_val_size_zero_means_no_validation() -> None:
     dm = _small(val_size=0)
     assert dm.val_dataloader() == []
+    assert dm.val_stages == ()
+
+
+def _labels(loader) -> torch.Tensor:
+    return torch.cat([y for _, y in loader])
+
+
+@pytest.mark.parametrize(
+    ("val_size", "stages"), [(5000, ("val", "test_epoch")), (0, ("test_epoch",))]
+)
+def test_test_each_epoch_serves_the_test_set_after_validation(val_size, stages) -> None:
+    dm = _small(val_size=val_size, test_each_epoch=True)
+    assert dm.val_stages == stages
+    loaders = dm.val_dataloader()
+    assert isinstance(loaders, list) and len(loaders) == len(stages)
+    _, test_targets = ds.load_tensors("mnist", train=False)
+    assert torch.equal(_labels(loaders[-1]), test_targets[:600])  # the test subset, in order
+    assert torch.equal(_labels(loaders[-1]), _labels(dm.test_dataloader()))
+    if val_size:
+        assert torch.equal(_labels(loaders[0]), dm.y_val)
+    # training data and the resume contract are untouched by the flag
+    plain = _small(val_size=val_size)
+    assert torch.equal(dm.y_train, plain.y_train) and dm.state_dict() == plain.state_dict()
+
+
+def test_without_test_each_epoch_val_is_one_loader_as_before() -> None:
+    dm = _small()
+    assert dm.val_stages == ("val",)
+    assert torch.equal(_labels(dm.val_dataloader()), dm.y_val)
+
+
+def test_test_each_epoch_must_be_a_bool() -> None:
+    with pytest.raises(ValueError) as err:
+        ImageDataModule("mnist", test_each_epoch="yes")
+    assert str(err.value) == "test_each_epoch must be true or false, got 'yes'"
 
 
 # --------------------------------------------------------------------------- the split

@@ -5,6 +5,12 @@ epoch saw (all ranks), logged once at epoch end as ``{train,val,test}/{loss,acc}
 add into two on-device accumulators: no per-step ``self.log`` and no ``.item()`` host sync, which
 keeps Lightning's overhead over a plain PyTorch loop small (see ``scripts/bench_training.py``).
 
+Several validation loaders: the datamodule's ``val_stages`` attribute names the metric namespace
+of each (:class:`~cdi_experiments.lightning.datamodule.ImageDataModule` with
+``test_each_epoch=True`` serves ``("val", "test_epoch")``: the test set measured every epoch,
+logged as ``test_epoch/{loss,acc}`` with the same exact reduction). A datamodule without the
+attribute (or no datamodule) has one validation loader, logged as ``val/*``.
+
 The model, optimizer and LR scheduler are Hydra ``_target_`` configs (plain dicts). Checkpoints
 store them as hyperparameters and load with ``torch.load(path, weights_only=True)``;
 ``Classifier.load_from_checkpoint(path)`` rebuilds the model from the stored ``model_cfg``.
@@ -42,6 +48,8 @@ from cdi_experiments.modules.evaluate import evaluate
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.Adam", "lr": 1e-3}
 STAGES = ("train", "val", "test")
+DEFAULT_VAL_STAGES = ("val",)
+"""The validation loaders' namespaces when the datamodule names none (``val_stages``)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -127,6 +135,7 @@ class Classifier(pl.LightningModule):
             }
         )
         self._totals: dict[str, _Totals] = {}
+        self._val_stages: tuple[str, ...] = DEFAULT_VAL_STAGES
         # The composed task config (plain containers), written into every checkpoint so that
         # a checkpoint describes itself; set by the run (cdi_experiments.run.build).
         self.run_config: dict[str, Any] | None = None
@@ -212,8 +221,17 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, batch_idx, "train")
 
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, batch_idx, "val")
+    def validation_step(
+        self, batch: Sequence[torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if dataloader_idx >= len(self._val_stages):
+            raise ValueError(
+                f"validation dataloader {dataloader_idx} has no metric namespace: the "
+                f"datamodule's val_stages is {self._val_stages!r}; give the datamodule a "
+                "val_stages attribute naming one stage per val_dataloader loader, e.g. "
+                "('val', 'val_ood')"
+            )
+        self._step(batch, batch_idx, self._val_stages[dataloader_idx])
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._step(batch, batch_idx, "test")
@@ -255,7 +273,9 @@ class Classifier(pl.LightningModule):
         self._totals.pop("train", None)
 
     def on_validation_epoch_start(self) -> None:
-        self._totals.pop("val", None)
+        self._val_stages = self._resolve_val_stages()
+        for stage in self._val_stages:
+            self._totals.pop(stage, None)
 
     def on_test_epoch_start(self) -> None:
         self._totals.pop("test", None)
@@ -264,7 +284,34 @@ class Classifier(pl.LightningModule):
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
+        for stage in self._val_stages:  # the same order on every rank: one reduce each
+            self._log_epoch(stage)
+
+    def _resolve_val_stages(self) -> tuple[str, ...]:
+        """The datamodule's ``val_stages`` (one namespace per validation loader), else
+        :data:`DEFAULT_VAL_STAGES`.
+
+        Raises:
+            ValueError: a namespace that is not a non-empty string without ``/``, is repeated,
+                or is ``train``/``test`` (those keys belong to fitting and ``trainer.test``).
+        """
+        datamodule = getattr(self._trainer, "datamodule", None)
+        stages = getattr(datamodule, "val_stages", None)
+        if stages is None:
+            return DEFAULT_VAL_STAGES
+        stages = tuple(stages)
+        bad = [
+            s
+            for s in stages
+            if not isinstance(s, str) or not s or "/" in s or s in ("train", "test")
+        ]
+        if bad or len(set(stages)) != len(stages):
+            raise ValueError(
+                f"datamodule.val_stages={stages!r} is not allowed; name each validation loader's "
+                "metrics once, with a non-empty string without '/' other than 'train' and "
+                "'test', e.g. ('val', 'test_epoch')"
+            )
+        return stages
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
@@ -289,6 +336,7 @@ class Classifier(pl.LightningModule):
             on_epoch=True,
             prog_bar=stage == "val",
             batch_size=1,  # already the epoch's exact value; nothing to average
+            add_dataloader_idx=False,  # the stage names the loader (no "/dataloader_idx_1")
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -29,6 +29,12 @@ val/test into contiguous, disjoint, in-order pieces. Use ``Trainer(use_distribut
 The sampler is a :class:`~torch.utils.data.distributed.DistributedSampler` subclass, so even with
 the default ``use_distributed_sampler=True`` Lightning sees a distributed sampler and leaves it
 alone instead of wrapping it (which would shard the shards again).
+
+Test accuracy per epoch (``test_each_epoch=True``, for learning curves): ``val_dataloader``
+also serves the test loader, after the validation one, and :attr:`ImageDataModule.val_stages`
+names each loader's metric namespace (``("val", "test_epoch")``), which
+:class:`~cdi_experiments.lightning.classifier.Classifier` logs as ``test_epoch/{loss,acc}``.
+Nothing selects on them: the sweep objective and checkpoint monitors refuse test metrics.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ log = logging.getLogger(__name__)
 
 DATA_ORDER_VERSION = 1
 """Bumped on any change to the split or the batch order. Stored in the datamodule's state."""
+
+VAL_STAGE = "val"
+TEST_EPOCH_STAGE = "test_epoch"
+"""The metric namespace of the test set measured at every validation (``test_each_epoch``)."""
 
 TRAIN_SIZE = 60000
 TEST_SIZE = 10000
@@ -210,6 +220,10 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (0: load in the main process, usually fastest
             for in-memory data).
         fetch: Fetch the raw files with :func:`cdi_experiments.datasets.fetch` if missing.
+        test_each_epoch: Also measure the test set at every validation (learning curves):
+            ``val_dataloader`` returns the validation loader (if ``val_size > 0``) and then the
+            test loader, named by :attr:`val_stages`. Off by default: it costs one pass over
+            the test set per epoch. ``trainer.test``'s ``test/*`` metrics are unchanged.
 
     Raises:
         ValueError: For an unknown ``name`` or an out-of-range size, seed or worker count.
@@ -229,6 +243,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         fetch: bool = True,
+        test_each_epoch: bool = False,
     ) -> None:
         super().__init__()
         if name not in datasets.DATASETS:
@@ -243,6 +258,8 @@ class ImageDataModule(pl.LightningDataModule):
         _check_range("num_workers", num_workers, 0)
         _check_range("seed", seed, 0, MASK64)
         _check_range("split_seed", split_seed, 0, MASK64)
+        if not isinstance(test_each_epoch, bool):
+            raise ValueError(f"test_each_epoch must be true or false, got {test_each_epoch!r}")
         self.name = name
         self.root = root
         self.batch_size = int(batch_size)
@@ -255,6 +272,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.fetch = bool(fetch)
+        self.test_each_epoch = test_each_epoch
 
         self.num_classes = NUM_CLASSES
         self.input_shape: tuple[int, ...] = (math.prod(IMAGE_SHAPE),) if flatten else IMAGE_SHAPE
@@ -267,6 +285,17 @@ class ImageDataModule(pl.LightningDataModule):
         self.y_val: torch.Tensor | None = None
         self.x_test: torch.Tensor | None = None
         self.y_test: torch.Tensor | None = None
+
+    @property
+    def val_stages(self) -> tuple[str, ...]:
+        """The metric namespace of each loader :meth:`val_dataloader` returns, in order:
+        ``("val",)`` by default, ``("val", "test_epoch")`` with ``test_each_epoch``,
+        ``("test_epoch",)`` with ``val_size=0`` too, ``()`` with neither.
+        :class:`~cdi_experiments.lightning.classifier.Classifier` logs loader ``i`` as
+        ``<val_stages[i]>/{loss,acc}``."""
+        return ((VAL_STAGE,) if self.val_size else ()) + (
+            (TEST_EPOCH_STAGE,) if self.test_each_epoch else ()
+        )
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -294,10 +323,16 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.x_train, self.y_train, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_size == 0:
-            return []
-        return self._loader(self.x_val, self.y_val, self.eval_batch_size, shuffle=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation loader; with ``test_each_epoch`` a list, the test loader last (one
+        loader per :attr:`val_stages` entry); ``[]`` when there is nothing to validate on."""
+        loaders = [
+            self._loader(self.x_val, self.y_val, self.eval_batch_size, shuffle=False)
+            if stage == VAL_STAGE
+            else self.test_dataloader()
+            for stage in self.val_stages
+        ]
+        return loaders if self.test_each_epoch or not loaders else loaders[0]
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.x_test, self.y_test, self.eval_batch_size, shuffle=False)
@@ -445,6 +480,8 @@ def _check_range(key: str, value: Any, lo: int, hi: int | None = None) -> None:
 __all__ = [
     "DATA_ORDER_VERSION",
     "NORMALIZATION",
+    "TEST_EPOCH_STAGE",
+    "VAL_STAGE",
     "ImageDataModule",
     "ShardedBatchSampler",
     "TensorBatchDataset",

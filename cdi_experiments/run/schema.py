@@ -492,6 +492,8 @@ def check_config(cfg: DictConfig) -> None:
                 _fail(f"{group}.{name}", spec, "use {_target_: module.Class, ...}")
             sig = check_arguments(f"{group}.{name}", spec, example="module.Class")
             _check_package(f"{group}.{name}", sig.target)
+            if group == "callbacks":
+                _check_monitor(f"{group}.{name}", spec)
 
 
 def _check_run_name(name: Any) -> None:
@@ -507,8 +509,9 @@ def _check_run_name(name: Any) -> None:
         )
 
 
-# Metric namespaces measured on the test set (prune/...: the pruned copies' test accuracy).
-TEST_METRICS = ("test/", "prune/")
+# Metric namespaces measured on the test set (test_epoch/...: every epoch, with
+# data.test_each_epoch; prune/...: the pruned copies' test accuracy).
+TEST_METRICS = ("test/", "test_epoch/", "prune/")
 
 
 def _check_objective(name: Any) -> None:
@@ -522,6 +525,20 @@ def _check_objective(name: Any) -> None:
             "it is measured on the test set, and tuning on it leaks the test set into the "
             "model choice; use a validation metric, e.g. objective=val/acc (or val/loss with "
             "hydra.sweeper.direction=minimize)",
+        )
+
+
+def _check_monitor(key: str, spec: Mapping[str, Any]) -> None:
+    """A callback that selects or stops on a metric (``ModelCheckpoint``, ``EarlyStopping``:
+    their ``monitor``) must not watch the test set either."""
+    monitor = spec.get("monitor")
+    if isinstance(monitor, str) and monitor.startswith(TEST_METRICS):
+        _fail(
+            f"{key}.monitor",
+            monitor,
+            "it is measured on the test set, and choosing a checkpoint or stopping on it leaks "
+            f"the test set into the model choice; use a validation metric, e.g. {key}.monitor="
+            "val/loss",
         )
 
 
@@ -588,6 +605,13 @@ def _check_data(d: Any) -> None:
     _int("data.limit", d.get("limit"), 1, none=True)
     _int("data.num_workers", d.get("num_workers", 0), 0)
     _int("data.split_seed", d.get("split_seed", 0), 0, SEED_LIMIT)
+    each = d.get("test_each_epoch", False)
+    if not isinstance(each, bool):
+        _fail(
+            "data.test_each_epoch",
+            each,
+            "use true (also log test_epoch/{loss,acc} every epoch, for learning curves) or false",
+        )
 
 
 def _check_optimizer(key: str, o: Any) -> None:
