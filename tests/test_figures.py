@@ -25,7 +25,7 @@ from test_report_tidy import (
 
 from cdi_experiments.modules.signal import signal_frame
 from cdi_experiments.run import figures as F
-from cdi_experiments.run import report
+from cdi_experiments.run.runs import Runs, load_runs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -35,7 +35,7 @@ LRS = (0.001, 0.01)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> report.Runs:
+def runs(tmp_path_factory) -> Runs:
     """Two learning rates x three seeds on MNIST, and one FashionMNIST run at lr 0.001."""
     root = tmp_path_factory.mktemp("fig")
     base_config = composed_config()
@@ -43,7 +43,7 @@ def runs(tmp_path_factory) -> report.Runs:
         for seed in SEEDS:
             write_run(root / f"lr={lr}", base_config, name=str(seed), lr=lr, seed=seed)
     write_run(root / "fashion", base_config, name="0", lr=0.001, seed=0, data="fashion_mnist")
-    return report.load_runs([root])
+    return load_runs([root])
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +96,64 @@ def test_learning_curves_one_panel_per_dataset_one_line_per_scheme(runs):
 
 def accuracy_mean(lr: float, epoch: int) -> float:
     return statistics.mean(accuracy(lr, s, epoch) for s in SEEDS)
+
+
+def per_epoch_test_accuracy(lr: float, seed: int, epoch: int) -> float:
+    """What the MNIST runs below measured on the test set at each epoch (data.test_each_epoch)."""
+    return accuracy(lr, seed, epoch) - 0.05 - 0.002 * seed
+
+
+def test_learning_curves_draw_test_per_epoch_dashed_and_fall_back_to_a_marker(runs):
+    epochs = runs.epochs.copy()
+    mnist = epochs["data"] == "mnist"
+    epochs["test_epoch/acc"] = [
+        per_epoch_test_accuracy(lr, seed, e) if is_mnist else float("nan")
+        for lr, seed, e, is_mnist in zip(
+            epochs["optimizer.lr"], epochs["seed"], epochs["epoch"], mnist, strict=True
+        )
+    ]
+    fig = F.learning_curves(epochs, hue="optimizer.lr", panel="data")
+    fashion, ax = [a for a in fig.axes if a.get_visible()]
+    # MNIST (every run measured the test set per epoch): per lr a solid validation line and a
+    # dashed test line in its colour, each with a band over the 3 seeds; no after-training marker
+    lines = data_lines(ax)
+    assert sorted(ln.get_linestyle() for ln in lines) == ["-", "-", "--", "--"]
+    assert len(bands(ax)) == 2 * len(LRS)
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    for dashed in (ln for ln in lines if ln.get_linestyle() == "--"):
+        ys = list(dashed.get_ydata())
+        lr = next(lr for lr in LRS if ys[0] == pytest.approx(accuracy_mean(lr, 0) - 0.052))
+        assert list(dashed.get_xdata()) == list(range(EPOCHS))
+        expected = [
+            statistics.mean(per_epoch_test_accuracy(lr, s, e) for s in SEEDS) for e in (0, 1)
+        ]
+        assert ys == pytest.approx(expected)
+        solid = [
+            ln for ln in lines if ln.get_linestyle() == "-" and ln.get_color() == dashed.get_color()
+        ]
+        assert len(solid) == 1  # the same scheme's validation line
+        assert solid[0].get_marker() == dashed.get_marker()  # the scheme's marker
+        assert solid[0].get_ydata()[0] == pytest.approx(accuracy_mean(lr, 0))
+    assert len({ln.get_marker() for ln in lines}) == len(LRS)  # overlapping schemes stay visible
+    # FashionMNIST (no test_epoch): today's figure, validation line and a test marker
+    assert [ln.get_linestyle() for ln in data_lines(fashion)] == ["-"]
+    (marker,) = [c for c in fashion.containers if isinstance(c, ErrorbarContainer)]
+    assert marker.lines[0].get_marker() == "*"
+    assert marker.lines[0].get_ydata()[0] == pytest.approx(accuracy(0.001, 0, EPOCHS))
+    assert_legend_outside(fig)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[-4:] == [
+        "validation",
+        "test (per epoch)",
+        "test (after training)",
+        "chance (0.1)",
+    ]
+    legend = fig.legends[0]
+    styles = {
+        t.get_text(): h for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)
+    }
+    assert styles["test (per epoch)"].get_linestyle() == "--"
+    assert styles["validation"].get_linestyle() == "-"
 
 
 def test_sleeping_share_is_log_scale_per_tensor_from_init(runs):
@@ -241,7 +299,7 @@ def test_report_and_run_figure_sets_build_every_figure(runs, tmp_path, monkeypat
         "prune_accuracy",
         "sleeping_share",
     ]
-    one = report.load_runs([runs.runs["run"].iloc[0]])
+    one = load_runs([runs.runs["run"].iloc[0]])
     written = F.run_figures(one, tmp_path / "run")
     assert [p.name for p in written] == [
         "awake_per_epoch",

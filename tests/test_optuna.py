@@ -158,3 +158,60 @@ def test_two_trial_study_optimises_validation_accuracy(tmp_path: Path) -> None:
     best = max(range(2), key=returned.__getitem__)
     assert result["best_value"] == pytest.approx(returned[best])
     assert result["best_params"] == {"optimizer.lr": lrs[best]}
+
+
+@pytest.mark.integration
+# SQLAlchemy 1.4 (optuna 2.10 needs <2) warns once that optuna uses its pre-2.0 API
+@pytest.mark.filterwarnings("ignore:Deprecated API features detected")
+def test_stored_study_holds_the_runs_val_metrics_and_a_relaunch_continues_it(
+    tmp_path: Path,
+) -> None:
+    """``hydra.sweeper.storage=sqlite:///...``: the study is readable back with
+    ``optuna.load_study``, each trial's value is its run's last ``val/acc`` in metrics.csv; the
+    same command again continues the study (``load_if_exists``): with the same sampler seed its
+    trials repeat the first launch's parameters and their finished jobs are skipped."""
+    import optuna
+
+    sweep, db = tmp_path / "study", tmp_path / "optuna.db"
+    args = [
+        "-m",
+        "hydra/sweeper=optuna_val",
+        "optimizer.lr=tag(log,interval(0.001,0.03))",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage=sqlite:///{db}",
+        "hydra.sweeper.study_name=stored",
+        "data.limit=500",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "prune=off",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    cli_ok(run_cli(args, cwd=tmp_path))
+
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2
+    val_by_lr = {
+        yaml.safe_load((job / ".hydra/config.yaml").read_text())["optimizer"]["lr"]: (
+            last_epoch_metric(job, "val/acc")
+        )
+        for job in jobs
+    }
+    assert len(val_by_lr) == 2
+    study = optuna.load_study(study_name="stored", storage=f"sqlite:///{db}")
+    trials = study.trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert {t.params["optimizer.lr"] for t in trials} == set(val_by_lr)
+    for t in trials:
+        assert t.value == pytest.approx(val_by_lr[t.params["optimizer.lr"]], abs=1e-7)
+    assert study.best_value == pytest.approx(max(val_by_lr.values()), abs=1e-7)
+    mtimes = {job: (job / "metrics.csv").stat().st_mtime_ns for job in jobs}
+
+    proc = cli_ok(run_cli(args, cwd=tmp_path))
+    assert "Using an existing study with name 'stored'" in proc.stdout + proc.stderr
+    again = optuna.load_study(study_name="stored", storage=f"sqlite:///{db}").trials
+    assert len(again) == 4
+    assert [t.params for t in again[2:]] == [t.params for t in trials]
+    assert [t.value for t in again[2:]] == [t.value for t in trials]
+    now = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert now == jobs  # no new run: the repeated jobs were skipped as finished
+    assert {job: (job / "metrics.csv").stat().st_mtime_ns for job in jobs} == mtimes

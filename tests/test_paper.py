@@ -12,7 +12,7 @@ import torch
 from cdi_experiments.modules import init_module
 from cdi_experiments.modules.signal import SIGNAL_COLUMNS, DeepMLP, measure_signal, signal_frame
 from cdi_experiments.run import paper as P
-from cdi_experiments.run.report import Runs
+from cdi_experiments.run.runs import Runs
 
 
 def batch(n: int = 64, d: int = 784) -> tuple[torch.Tensor, torch.Tensor]:

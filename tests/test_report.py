@@ -18,6 +18,7 @@ from cdi_experiments import tables
 from cdi_experiments.cli import report as report_cli
 from cdi_experiments.run import report
 from cdi_experiments.run import train as train_mod
+from cdi_experiments.run.runs import load_runs
 
 REPO = Path(__file__).resolve().parent.parent
 CDI_REPORT = Path(sys.executable).parent / "cdi-report"
@@ -135,7 +136,7 @@ def test_figures_are_valid_pngs_and_pdfs(report_out):
 def test_figures_of_real_runs_show_every_tensor_and_scheme(runs):
     from cdi_experiments.run import figures
 
-    frames = report.load_runs([runs.root])
+    frames = load_runs([runs.root])
     tensors = set(pd.read_csv(runs.by_init["he"].dir / "layer_changes.csv")["name"])
     fig = figures.sleeping_share(frames.layers, panel="init")
     assert [ax.get_title() for ax in fig.axes] == ["init=he", "init=zeros"]
@@ -151,7 +152,7 @@ def test_figures_of_real_runs_show_every_tensor_and_scheme(runs):
     assert "not drawn: fc3.bias" in zeros.get_xlabel()  # it all moved: 0 % asleep
     fig = figures.learning_curves(frames.epochs)
     [ax] = fig.axes
-    val = [ln for ln in ax.get_lines() if ln.get_marker() == "."]  # a line per scheme
+    val = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]  # solid: val, per scheme
     assert len(val) == 2
     for line in val:  # the validation accuracy per epoch of one of the runs
         wanted = [
@@ -275,7 +276,7 @@ def test_a_tensorboard_only_run_has_its_metrics_and_weight_histograms(tmp_path):
     csv_epochs = pd.read_csv(run / "metrics.csv")["val/acc"].dropna()
     assert len(csv_epochs) == 2  # written although only TensorBoard was asked for
     (run / "metrics.csv").unlink()
-    frames = report.load_runs([tmp_path])
+    frames = load_runs([tmp_path])
     assert "problems" not in frames.runs.columns
     ep = frames.epochs.set_index("epoch")
     assert list(ep.index) == [0, 1] and ep["val/acc"].notna().all()

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from cdi_experiments.cli import report as report_cli
 from cdi_experiments.run import report
+from cdi_experiments.run.runs import Runs, load_runs
 from cdi_experiments.run.schema import plain, task_config
 from cdi_experiments.run.status import write_status
 
@@ -147,8 +148,8 @@ def sweep(tmp_path_factory, base_config) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(sweep) -> report.Runs:
-    return report.load_runs([sweep])
+def runs(sweep) -> Runs:
+    return load_runs([sweep])
 
 
 def test_layers_frame_is_one_row_per_run_epoch_param_threshold(runs, sweep):
@@ -313,7 +314,7 @@ def test_tensorboard_only_run_reads_its_event_files(tmp_path, base_config):
     writer.add_scalar("test/acc", 0.42, 16)
     writer.add_scalar("epoch", EPOCHS, 16)
     writer.close()
-    runs = report.load_runs([tmp_path])
+    runs = load_runs([tmp_path])
     ep = runs.epochs.set_index("epoch")
     assert ep.loc[1, "val/acc"] == pytest.approx(accuracy(0.001, 0, 1), rel=1e-6)
     assert ep.loc[0, "train/acc"] == pytest.approx(accuracy(0.001, 0, 0) - 0.05, rel=1e-6)
@@ -323,7 +324,7 @@ def test_tensorboard_only_run_reads_its_event_files(tmp_path, base_config):
 
 def test_wandb_only_run_is_named_with_its_missing_metrics(tmp_path, base_config):
     write_run(tmp_path, base_config, name="wb", lr=0.001, seed=0, logger="wandb", test_acc=0.7)
-    table = report.load_runs([tmp_path]).runs
+    table = load_runs([tmp_path]).runs
     row = table.iloc[0]
     assert row["problems"].startswith("metrics.csv missing (a W&B-only run: ")
     assert row["test/acc"] == 0.7  # from run_info.json's final metrics
@@ -336,7 +337,7 @@ def test_config_from_hydra_yaml_when_run_info_is_missing(tmp_path, base_config):
     (run / "run_info.json").unlink()
     (run / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
-    row = report.load_runs([tmp_path]).runs.iloc[0]
+    row = load_runs([tmp_path]).runs.iloc[0]
     assert row["config_source"] == ".hydra/config.yaml"
     assert row["optimizer.lr"] == 0.003 and row["seed"] == 4
 
@@ -344,7 +345,7 @@ def test_config_from_hydra_yaml_when_run_info_is_missing(tmp_path, base_config):
 def test_a_corrupt_layer_file_is_named_and_the_rest_is_read(tmp_path, base_config):
     run = write_run(tmp_path, base_config, name="c", lr=0.001, seed=0)
     (run / "layer_changes.csv").write_text("epoch,name\n0,fc1.weight\n")
-    runs = report.load_runs([tmp_path])
+    runs = load_runs([tmp_path])
     assert runs.runs.iloc[0]["problems"] == (
         "layer_changes.csv corrupt (no max_delta, mean_delta, numel column)"
     )
@@ -360,7 +361,7 @@ def test_mlflow_only_run_reads_its_file_store(tmp_path, base_config):
     (metrics / "val" / "acc").write_text("1 0.61 7\n3 0.73 15\n")
     (metrics / "test").mkdir()
     (metrics / "test" / "acc").write_text("4 0.69 16\n")
-    ep = report.load_runs([tmp_path]).epochs.set_index("epoch")
+    ep = load_runs([tmp_path]).epochs.set_index("epoch")
     assert ep["val/acc"].to_dict() == {0: 0.61, 1: 0.73}
     assert ep.loc[1, "test/acc"] == 0.69
 
@@ -378,7 +379,7 @@ def test_weight_histograms_come_from_the_tensorboard_logger(tmp_path, base_confi
     for e, w in weights.items():  # as the dashboards log them: step = epoch + 1
         writer.add_histogram("weights/fc1.weight", w, global_step=e + 1)
     writer.close()
-    hist = report.load_runs([tmp_path]).histograms
+    hist = load_runs([tmp_path]).histograms
     wh = hist[hist["kind"] == "weight"]
     assert sorted(wh["epoch"].unique()) == [-1, 0, 1]
     for e, w in weights.items():

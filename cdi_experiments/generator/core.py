@@ -85,7 +85,8 @@ def check_threshold(threshold: Any) -> float:
 
 
 def fans(shape: Sequence[int]) -> tuple[int, int]:
-    """torch's fan convention: ``fan_in = shape[1] * receptive``, ``fan_out = shape[0] * receptive``.
+    """torch's fan convention: ``fan_in = shape[1] * receptive`` and
+    ``fan_out = shape[0] * receptive``.
 
     A 1-D shape (a bias or a vector) has ``fan_in = fan_out = shape[0]``.
     """
@@ -203,6 +204,12 @@ class TensorInit:
         return schemes.resolve(self.scheme, *self.fans, self.params)
 
     @property
+    def plain(self) -> bool:
+        """True when each value is the scheme's own draw: no orthogonalization, filter mean or
+        extra scale."""
+        return not self.orthogonal and not self.zero_mean and self.scale == 1.0
+
+    @property
     def whole_only(self) -> bool:
         """True when values depend on the whole tensor (QR, per-filter mean): no bounded chunks
         below a filter / the matrix."""
@@ -293,6 +300,17 @@ def _draw_numba(
     else:
         _nk.uniform_grid(base, axis_h, offs, sizes, float(p0), float(p1), out, _n_parts(n))
     return out.astype(dtype, copy=False).reshape(tuple(c.size for c in coords))
+
+
+def _kernel_draw(spec: TensorInit) -> tuple[int, float, float] | None:
+    """The numba kernels' ``(kind, p0, p1)`` for a plain normal (``p0 * gaussian``) or
+    uniform (``p0 + p1 * u01``) spec; None for anything they do not draw."""
+    draw = spec.draw
+    if not spec.plain or draw.kind not in ("normal", "uniform") or _nk is None:
+        return None
+    if draw.kind == "normal":
+        return _nk.KIND_NORMAL, float(draw.std), 0.0
+    return _nk.KIND_UNIFORM, float(draw.low), float(draw.high - draw.low)
 
 
 def _standard_normal(
@@ -395,9 +413,11 @@ def generate(
         spec: what to generate.
         index: optional per-axis selection (slices, ints or int arrays), numpy-style.
         dtype: float16, float32 or float64; values are computed in float64 and rounded once.
-        backend: ``auto``, ``numba``, ``numpy`` (bit-identical) or ``torch`` (see :func:`generate_tensor`).
+        backend: ``auto``, ``numba``, ``numpy`` (bit-identical) or ``torch`` (see
+            :func:`generate_tensor`).
         out: optional array of the block's shape and ``dtype`` to write into and return (the
-            numba kernels fill a C-contiguous one in place, without a temporary).
+            numba kernels fill a C-contiguous float32/float64 one in place, without a
+            temporary; float16 goes through a float64 temporary).
 
     Raises:
         ValueError: bad shape, dtype, index, scheme, parameters or ``out``.
@@ -412,14 +432,9 @@ def generate(
                 f"out must be a numpy array of shape {block} and dtype {dt}, got {got}; "
                 "pass out=None to allocate"
             )
-        draw = spec.draw
-        simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
-        if backend == "numba" and simple and draw.kind in ("normal", "uniform"):
+        if backend == "numba" and _kernel_draw(spec) is not None:
             coords = _normalize_index(index, spec.shape)
-            normal = draw.kind == "normal"
-            kind = _nk.KIND_NORMAL if normal else _nk.KIND_UNIFORM
-            p0, p1 = (draw.std, 0.0) if normal else (draw.low, draw.high - draw.low)
-            vals = _draw_numba(spec, coords, kind, p0, p1, dt, into=out)
+            vals = _draw_numba(spec, coords, *_kernel_draw(spec), dt, into=out)
             if not np.may_share_memory(vals, out):  # not filled in place (strided out)
                 out[...] = vals
             return out
@@ -429,13 +444,9 @@ def generate(
         return generate_tensor(spec, index, dtype=_torch_dtype(dt), backend="torch").numpy()
     coords = _normalize_index(index, spec.shape)
     draw = spec.draw
-    plain_normal = (
-        draw.kind == "normal" and not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
-    )
-    if plain_normal:  # the hot path: one fused pass, rounding straight to dtype
+    if spec.plain and draw.kind == "normal":  # the hot path: one pass, rounding straight to dt
         return _standard_normal(spec, coords, draw.std, dt, backend)
-    simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
-    if simple and draw.kind == "uniform":  # low + width * u01 in float64, rounded once
+    if spec.plain and draw.kind == "uniform":  # low + width * u01 in float64, rounded once
         return _uniform(spec, coords, draw.low, draw.high, dt, backend)
     if spec.zero_mean:
         # the mean of each filter needs the filter whole: regenerate those filters entirely
@@ -465,7 +476,8 @@ def generate_tensor(
 
     With ``out`` (a tensor of the block's shape; ``dtype`` and ``device`` are then taken from
     it), the values are written into it and it is returned: a CPU float16/32/64 ``out`` is
-    filled by the kernels in place, without a temporary tensor and without a torch copy.
+    filled in place (float32/float64 by the kernels directly, without a temporary; float16
+    through a float64 temporary), without a torch copy.
 
     On the CPU the numba/numpy kernels run and the result is wrapped without a copy; on a GPU
     the torch backend generates on the device (plain normal and uniform draws; other kinds are
@@ -497,14 +509,13 @@ def generate_tensor(
         return generate_tensor(spec, index, dtype=dtype, backend=backend).to(device)
     backend = resolve_backend(backend, device)
     draw = spec.draw
-    simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
-    if backend == "numba" and simple and draw.kind in ("normal", "uniform") and tdt in _KERNEL:
+    if backend == "numba" and _kernel_draw(spec) is not None and tdt in _KERNEL:
         # into torch's own allocation: numpy asks for transparent huge pages on big arrays,
         # and where the kernel must compact memory for them first (THP defrag=madvise) the
         # first touch stalls (measured: 4096^2 float32 at 125 ms against 52 ms this way)
         block = tuple(c.size for c in _normalize_index(index, spec.shape))
         return generate_tensor(spec, index, backend=backend, out=torch.empty(block, dtype=tdt))
-    if backend != "torch" or not simple or draw.kind not in ("normal", "uniform"):
+    if backend != "torch" or not spec.plain or draw.kind not in ("normal", "uniform"):
         cpu_backend = backend if backend != "torch" else ("numba" if _nk is not None else "numpy")
         if tdt == torch.bfloat16:  # numpy has no bfloat16: float64 -> round-to-odd float32 -> bf16
             vals = generate(spec, index, dtype=np.float64, backend=cpu_backend)
@@ -715,11 +726,9 @@ def _fused_ok(spec: TensorInit, w_np: np.ndarray, weights: Any, backend: str) ->
     compared against float32/float64 weights."""
     if backend != "numba" or isinstance(weights, torch.Tensor) and weights.dtype == torch.bfloat16:
         return False
-    simple = not spec.orthogonal and not spec.zero_mean and spec.scale == 1.0
-    return (
-        simple
-        and spec.draw.kind in ("normal", "uniform")
-        and w_np.dtype in (np.dtype(np.float32), np.dtype(np.float64))
+    return _kernel_draw(spec) is not None and w_np.dtype in (
+        np.dtype(np.float32),
+        np.dtype(np.float64),
     )
 
 
@@ -745,11 +754,7 @@ def _fused_summary(
 ) -> None:
     """:func:`delta_summary` through the fused generate-compare-histogram kernel, chunk by
     chunk (a non-contiguous chunk of the weights is copied; the rest is read in place)."""
-    draw = spec.draw
-    if draw.kind == "normal":
-        kind, p0, p1 = _nk.KIND_NORMAL, float(draw.std), 0.0
-    else:
-        kind, p0, p1 = _nk.KIND_UNIFORM, float(draw.low), float(draw.high - draw.low)
+    kind, p0, p1 = _kernel_draw(spec)
     thresholds = np.asarray(ts, dtype=np.float64)
     bins = _bin_of_exponent(edges)
     like = np.empty(0, dtype=w_np.dtype)

@@ -246,7 +246,7 @@ def _tile_states(axis_h, col0, m, cnt, rs, col, states, base, offs, sizes, idx, 
 
 GROUP_MAX = 64
 """A block whose last two axes hold at most this many elements (a conv kernel's 3x3) is
-walked by :class:`Cursor`'s grouped path rather than row by row."""
+walked group by group (:func:`_tile_states_grouped`) rather than row by row."""
 
 
 WORK = TILE + GROUP_MAX + 2
@@ -437,8 +437,8 @@ def delta_grid(
 ):
     """Summarize ``|w - w0|`` over a flat C-ordered block without materializing ``w0``.
 
-    ``w0`` is drawn as in :func:`gaussian_grid` / :func:`uniform_grid` and rounded to ``w0_like``'s dtype (``w``'s); the
-    delta is taken in float64. Returns per-part ``(counts, sums, changed, hist)``: counts
+    ``w0`` is drawn as in :func:`gaussian_grid` / :func:`uniform_grid` and rounded to
+    ``w0_like``'s dtype (``w``'s); the delta is taken in float64. Returns per-part ``(counts, sums, changed, hist)``: counts
     ``[nan, zeros]``, sums ``[sum, max]`` of the non-NaN deltas, ``changed[k]`` the number of
     ``not (delta <= thresholds[k])``, and ``hist`` np.histogram's counts of the deltas > 0
     over ``edges`` (last bin closed). ``bin_of_exp[e]`` is the bin holding the smallest

@@ -1,4 +1,4 @@
-"""The figures a reader needs, drawn from the tidy frames of :mod:`cdi_experiments.run.report`.
+"""The figures a reader needs, drawn from the tidy frames of :mod:`cdi_experiments.run.runs`.
 
 Each figure function takes a tidy frame and returns a matplotlib ``Figure`` (the caller saves
 it: :func:`save_figure` writes a PNG and a PDF). Every figure has a title, axes labelled with
@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cdi_experiments.paths import atomic_write
+from cdi_experiments.run.runs import INIT_EPOCH, epoch_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -32,17 +33,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INIT_EPOCH = -1  # layer_changes.csv's epoch of the initial weights
-INIT_LABEL = "init"
 VARIANTS = ("one-shot", "fine-tuned", "rewound")
 METRIC_NAMES = {
     "val/acc": "validation",
     "test/acc": "test",
+    "test_epoch/acc": "test",
     "train/acc": "train",
     "val/loss": "validation loss",
     "test/loss": "test loss",
+    "test_epoch/loss": "test loss",
     "train/loss": "train loss",
 }
+# Learning curves: each metric's line style, the same whatever else is drawn (validation solid,
+# the test set per epoch dashed, in the scheme's colour).
+CURVE_DASHES = {"val/acc": "-", "test_epoch/acc": "--", "train/acc": ":"}
+# The test set measured once after training, and at every epoch (data.test_each_epoch): a run
+# that has the second draws it and not the first (its last point is the same model).
+AFTER_TRAINING, PER_EPOCH = "test/acc", "test_epoch/acc"
+ONCE_MARKER = "*"  # a metric measured once (after training): a star, not a scheme's marker
 PANEL_SIZE = (4.6, 3.4)  # inches per subplot
 WEIGHT_BINS = 60  # equal-width bins of the weight histograms
 MAX_PANELS = 36  # cdi-report leaves out a figure that would need more subplots
@@ -58,11 +66,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def epoch_label(epoch: int) -> str:
-    """``"init"`` for the initial weights (epoch ``-1``), else the epoch number."""
-    return INIT_LABEL if int(epoch) == INIT_EPOCH else str(int(epoch))
 
 
 def save_figure(fig: Figure, stem: Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
@@ -125,7 +128,7 @@ def _check_columns(frame: pd.DataFrame, columns: Iterable[str], what: str) -> No
     if missing:
         raise ValueError(
             f"{what}: the frame has no column {', '.join(map(repr, missing))}; pass a frame "
-            f"from cdi_experiments.run.report.load_runs or name columns it has"
+            f"from cdi_experiments.run.runs.load_runs or name columns it has"
         )
 
 
@@ -264,26 +267,30 @@ def learning_curves(
     epochs: pd.DataFrame,
     hue: str = "init",
     panel: str | Sequence[str] | None = "data",
-    metrics: Sequence[str] = ("val/acc", "test/acc"),
+    metrics: Sequence[str] = ("val/acc", PER_EPOCH, AFTER_TRAINING),
     chance: float | None = 0.1,
 ) -> Figure:
-    """Validation and test accuracy per epoch, one line per ``hue`` (init scheme), one subplot
-    per ``panel`` value (dataset).
+    """Validation and test accuracy per epoch, one colour per ``hue`` (init scheme), one
+    subplot per ``panel`` value (dataset).
 
-    A metric logged at one epoch only (the test, measured after training) is a mean +- std
-    marker at that epoch; one logged every epoch is a line with a band.
+    Validation is a solid line, the test set per epoch (``test_epoch/acc``, logged by runs
+    with ``data.test_each_epoch``) a dashed line in the same colour, each with a mean +- std
+    band over the runs. A run without it has its test accuracy measured once after training
+    (``test/acc``): a mean +- std marker at its last epoch.
 
     Args:
-        epochs: :class:`~cdi_experiments.run.report.Runs`' ``epochs`` frame.
-        hue: The column whose values get a line each.
+        epochs: :class:`~cdi_experiments.run.runs.Runs`' ``epochs`` frame.
+        hue: The column whose values get a colour each.
         panel: The column(s) whose values get a subplot each.
-        metrics: The accuracy columns to draw (solid, dashed, dotted...).
+        metrics: The accuracy columns to draw (styles in :data:`CURVE_DASHES`; others dashed,
+            dotted... in order).
         chance: Accuracy of guessing (a dotted line); ``None``: no line.
 
     Raises:
         ValueError: a column the frame does not have.
     """
     _check_columns(epochs, ["epoch", hue, *_keys(panel)], "learning_curves")
+    epochs = _test_once_or_per_epoch(epochs, metrics)
     metrics = [m for m in metrics if m in epochs.columns and epochs[m].notna().any()]
     if not metrics:
         raise ValueError(
@@ -301,26 +308,30 @@ def learning_curves(
     for ax, (title, rows) in zip(axes.flat, panels, strict=False):
         for k, value in enumerate(hues):
             sub = rows[rows[hue] == value]
-            color = _color(k)
+            color, mark = _color(k), _MARKERS[k % len(_MARKERS)]
             for j, metric in enumerate(metrics):
                 stats = _mean_std(sub.dropna(subset=[metric]), "epoch", metric)
                 if stats.empty:
                     continue
-                dash = _DASHES[j % len(_DASHES)]
+                dash = CURVE_DASHES.get(metric, _DASHES[j % len(_DASHES)])
                 if len(stats) > 1:
-                    _band(ax, stats, "epoch", color=color, linestyle=dash, marker=".")
+                    # the scheme's marker too: schemes that overlap (zeros and a zeroed layer
+                    # both at chance) stay visible
+                    _band(ax, stats, "epoch", color=color, linestyle=dash, marker=mark, ms=4)
                 else:
                     ax.errorbar(
                         stats["epoch"],
                         stats["mean"],
                         yerr=stats["std"].fillna(0),
                         color=color,
-                        marker=_MARKERS[(j + 3) % len(_MARKERS)],
-                        markersize=7,
+                        marker=ONCE_MARKER,  # not among the schemes' markers
+                        markersize=9,
                         capsize=3,
                         linestyle="none",
                     )
-                handles.setdefault(f"{hue}={value}", plt.Line2D([], [], color=color, lw=2))
+                handles.setdefault(
+                    f"{hue}={value}", plt.Line2D([], [], color=color, lw=2, marker=mark, ms=4)
+                )
         if chance is not None:
             ax.axhline(chance, color="grey", linestyle=":", linewidth=1, gid="chance")
         ax.set_title(title, fontsize=9)
@@ -332,16 +343,30 @@ def learning_curves(
     for j, metric in enumerate(metrics):
         single = epochs.dropna(subset=[metric]).groupby("run")["epoch"].nunique().max() <= 1
         style = (
-            {"marker": _MARKERS[(j + 3) % len(_MARKERS)], "linestyle": "none"}
+            {"marker": ONCE_MARKER, "markersize": 9, "linestyle": "none"}
             if single
-            else {"linestyle": _DASHES[j % len(_DASHES)]}
+            else {"linestyle": CURVE_DASHES.get(metric, _DASHES[j % len(_DASHES)])}
         )
-        name = METRIC_NAMES.get(metric, metric) + (" (after training)" if single else "")
+        when = " (after training)" if single else " (per epoch)" if metric == PER_EPOCH else ""
+        name = METRIC_NAMES.get(metric, metric) + when
         handles[name] = plt.Line2D([], [], color="black", **style)
     if chance is not None:
         handles[f"chance ({chance:g})"] = plt.Line2D([], [], color="grey", linestyle=":")
     _legend(fig, handles, "line")
     return fig
+
+
+def _test_once_or_per_epoch(epochs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """``epochs`` without the after-training test accuracy of the runs that measured the test
+    set every epoch (drawn as their curve instead): each run shows one of the two."""
+    if not {PER_EPOCH, AFTER_TRAINING} <= {*metrics} & {*epochs.columns} or "run" not in epochs:
+        return epochs
+    per_epoch = epochs.loc[epochs[PER_EPOCH].notna(), "run"].unique()
+    if not len(per_epoch):
+        return epochs
+    out = epochs.copy()
+    out.loc[out["run"].isin(per_epoch), AFTER_TRAINING] = np.nan
+    return out
 
 
 def sleeping_share(
@@ -356,7 +381,7 @@ def sleeping_share(
     and input preprocessing). 99.94 % awake is 0.06 % asleep: visible here, not on 0-100 %.
 
     Args:
-        layers: :class:`~cdi_experiments.run.report.Runs`' ``layers`` frame.
+        layers: :class:`~cdi_experiments.run.runs.Runs`' ``layers`` frame.
         threshold: ``t``; the nearest tracked threshold is drawn.
         hue: The column whose values get a line each (``param``: one per tensor, the whole
             network ``all`` in black).
@@ -465,7 +490,7 @@ def prune_accuracy(
     The sleeping criterion prunes at its own (matched) sparsity only: a star with error bars.
 
     Args:
-        prune: :class:`~cdi_experiments.run.report.Runs`' ``prune`` frame.
+        prune: :class:`~cdi_experiments.run.runs.Runs`' ``prune`` frame.
         hue: The column whose values get a line each.
         panel: The column(s) whose values get a row of subplots each.
         variants: The variants to draw (default: those in the frame, in the order above).
@@ -586,7 +611,7 @@ def histograms(
     (never moved), which a log axis cannot show, is given in the legend.
 
     Args:
-        hist: :class:`~cdi_experiments.run.report.Runs`' ``histograms`` frame.
+        hist: :class:`~cdi_experiments.run.runs.Runs`' ``histograms`` frame.
         epochs: The epochs to draw (default: the first, middle and last trained epoch, and the
             initial weights where there are weight histograms).
         params: The tensors (default: the weight tensors, else every tensor but ``all``).
@@ -774,7 +799,7 @@ def _too_many(name: str, frame: pd.DataFrame, keys: Sequence[str], per_panel: in
 
 
 def report_figures(runs: Any, out: Path, threshold: float = 1e-5) -> list[Path]:
-    """``cdi-report``'s figures of :class:`~cdi_experiments.run.report.Runs`, as PNG and PDF
+    """``cdi-report``'s figures of :class:`~cdi_experiments.run.runs.Runs`, as PNG and PDF
     under ``out``: learning curves, sleeping share, mean ``|w - w0|`` and prune accuracy with
     one subplot per combination of the swept config values, and ``|w - w0|`` histograms per
     group of runs that differ only in their seed (``histograms/``).
@@ -873,9 +898,6 @@ def run_figures(runs: Any, out: Path, threshold: float = 1e-5) -> list[Path]:
 
 
 __all__ = [
-    "INIT_EPOCH",
-    "INIT_LABEL",
-    "epoch_label",
     "histograms",
     "learning_curves",
     "mean_delta",

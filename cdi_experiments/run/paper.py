@@ -37,8 +37,9 @@ from cdi_experiments.modules.signal import ACTIVATIONS, signal_frame
 from cdi_experiments.paths import RunPaths, atomic_write_csv, atomic_write_text
 from cdi_experiments.run import figures as F
 from cdi_experiments.run.checkpoint import CheckpointError, init_state, load_checkpoint
-from cdi_experiments.run.report import Runs, aggregate, load_runs, write_tables
+from cdi_experiments.run.report import aggregate, write_tables
 from cdi_experiments.run.resume import epochs_done
+from cdi_experiments.run.runs import Runs, load_runs
 from cdi_experiments.timing import timings
 
 log = logging.getLogger(__name__)
