@@ -732,14 +732,20 @@ def _fused_ok(spec: TensorInit, w_np: np.ndarray, weights: Any, backend: str) ->
     )
 
 
-def _bin_of_exponent(edges: np.ndarray) -> np.ndarray:
-    """For each biased float64 exponent, the bin holding the smallest positive double with it
-    (``searchsorted(edges, v, 'right') - 1``; -1 below the first edge)."""
+def _bin_search(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The fused kernel's bin search over ``edges``: ``(edges padded with +inf, bin of
+    exponent, steps)``. For each biased float64 exponent, the bin holding the smallest
+    positive double with it (``searchsorted(edges, v, 'right') - 1``; -1 below the first
+    edge); ``steps``, the most edges above that start within one exponent's range, and as
+    many +inf after the edges, so that the kernel's fixed steps stay in bounds."""
     with np.errstate(over="ignore"):
         smallest = np.ldexp(1.0, np.arange(2048) - 1023)
     smallest[0] = np.nextafter(0.0, 1.0)  # subnormals
     smallest[2047] = np.inf
-    return (np.searchsorted(edges, smallest, side="right") - 1).astype(np.int64)
+    start = (np.searchsorted(edges, smallest, side="right") - 1).astype(np.int64)
+    steps = int(max(1, np.diff(start).max()))
+    padded = np.concatenate([edges, np.full(steps, np.inf)])
+    return padded, start, steps
 
 
 def _fused_summary(
@@ -756,7 +762,7 @@ def _fused_summary(
     chunk (a non-contiguous chunk of the weights is copied; the rest is read in place)."""
     kind, p0, p1 = _kernel_draw(spec)
     thresholds = np.asarray(ts, dtype=np.float64)
-    bins = _bin_of_exponent(edges)
+    padded, start, steps = _bin_search(edges)
     like = np.empty(0, dtype=w_np.dtype)
     for sl, n in _block_chunks(sizes, chunk_elems):
         sub = tuple(c[s] for c, s in zip(coords, sl, strict=True))
@@ -773,8 +779,10 @@ def _fused_summary(
             w,
             like,
             thresholds,
-            edges,
-            bins,
+            padded,
+            edges.size,
+            start,
+            steps,
             _n_parts(n),
         )
         out.total += n

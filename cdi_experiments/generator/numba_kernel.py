@@ -433,7 +433,21 @@ def uniform_grid(base, axis_h, offs, sizes, low, width, out, n_parts):
 
 @nb.njit(parallel=True, cache=True, error_model="numpy")
 def delta_grid(
-    kind, base, axis_h, offs, sizes, p0, p1, w, w0_like, thresholds, edges, bin_of_exp, n_parts
+    kind,
+    base,
+    axis_h,
+    offs,
+    sizes,
+    p0,
+    p1,
+    w,
+    w0_like,
+    thresholds,
+    edges,
+    ne,
+    bin_of_exp,
+    steps,
+    n_parts,
 ):
     """Summarize ``|w - w0|`` over a flat C-ordered block without materializing ``w0``.
 
@@ -441,13 +455,16 @@ def delta_grid(
     ``w0_like``'s dtype (``w``'s); the delta is taken in float64. Returns per-part ``(counts, sums, changed, hist)``: counts
     ``[nan, zeros]``, sums ``[sum, max]`` of the non-NaN deltas, ``changed[k]`` the number of
     ``not (delta <= thresholds[k])``, and ``hist`` np.histogram's counts of the deltas > 0
-    over ``edges`` (last bin closed). ``bin_of_exp[e]`` is the bin holding the smallest
-    positive double of biased exponent ``e`` (-1 below the first edge): the search starts
-    there and steps up, so it stays exact for any increasing edges.
+    over the first ``ne`` entries of ``edges`` (last bin closed), which are followed by
+    ``steps`` entries of +inf. ``bin_of_exp[e]`` is the bin holding the smallest positive
+    double of biased exponent ``e`` (-1 below the first edge), and ``steps`` the most edges
+    one binary exponent's range holds: each delta's bin is found in exactly ``steps``
+    branch-free steps up from there, so it stays exact for any increasing edges (the +inf
+    padding keeps the steps in bounds; deltas at or above the last edge, and NaN, are
+    counted apart).
     """
     n = w.shape[0]
     nt = thresholds.shape[0]
-    ne = edges.shape[0]
     last = edges[ne - 1]
     part = (n + n_parts - 1) // n_parts
     counts = np.zeros((n_parts, 2), np.int64)
@@ -464,9 +481,14 @@ def delta_grid(
         b = np.empty(TILE, np.float64)
         w0 = np.empty(TILE, w0_like.dtype)
         acc = np.zeros(8, np.float64)
+        slot = np.empty(TILE, np.int64)
+        # local[:, j + 1]: bin j; local[:, 0]: not binned. Four copies, so that runs of one
+        # bin do not chain their increments through memory
+        local = np.zeros((4, ne), np.int64)
         mx = 0.0
         nan = 0
         zeros = 0
+        at_last = 0
         work, idx = _walk_buffers(sizes.shape[0])
         grouped, rs, col = _walk_start(e, base, axis_h, offs, sizes, work, idx)
         states = work[_W_STATES]
@@ -485,27 +507,30 @@ def delta_grid(
                 for t in range(cnt):
                     c += not (a[t] <= thr)
                 changed[p, k] += c
+            k = 0  # the deltas to bin, packed (no branch): > 0 and below the last edge
             for t in range(cnt):
                 d = a[t]
-                if d != d:
-                    nan += 1
-                    continue
-                acc[t & 7] += d
-                mx = d if d > mx else mx
-                if d == 0.0:
-                    zeros += 1
-                    continue
+                b[k] = d
+                k += (d < last) & (d != 0.0)
+            for t in range(k):  # their bins, in a fixed number of steps (no branch)
+                d = b[t]
                 j = bin_of_exp[_f64_bits(d) >> _S52]
-                while j + 1 < ne and d >= edges[j + 1]:
-                    j += 1
-                if j < 0:
-                    continue
-                if j == ne - 1:
-                    if d != last:
-                        continue
-                    j = ne - 2
-                hist[p, j] += 1
+                for _ in range(steps):
+                    j += d >= edges[j + 1]
+                slot[t] = j
+            for t in range(cnt):  # NaN, zeros, at the last edge, sum and max (vectorized)
+                d = a[t]
+                nan += d != d
+                zeros += d == 0.0
+                at_last += d == last
+                acc[t & 7] += d if d == d else 0.0
+                mx = d if d > mx else mx
+            for t in range(k):
+                local[t & 3, slot[t] + 1] += 1
             e += cnt
+        for r in range(4):
+            hist[p, :] += local[r, 1:]
+        hist[p, ne - 2] += at_last  # the last bin is closed
         counts[p, 0] = nan
         counts[p, 1] = zeros
         s = 0.0
