@@ -237,6 +237,10 @@ def test_cuda_generates_the_cpu_bits(shape: tuple, scheme: str) -> None:
             assert gpu.is_cuda and gpu.dtype == dt
             ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[cpu.element_size()]
             assert torch.equal(gpu.cpu().view(ints), cpu.view(ints)), (shape, scheme, index, dt)
+            # a CUDA out with a CPU backend: generated on the CPU, copied into out
+            out = torch.empty(cpu.shape, dtype=dt, device="cuda")
+            assert core.generate_tensor(spec, index, out=out, backend="numpy") is out
+            assert torch.equal(out.cpu().view(ints), cpu.view(ints))
 
 
 @CUDA

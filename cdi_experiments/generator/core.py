@@ -490,6 +490,11 @@ def generate_tensor(
                 f"out must be a tensor of shape {block}, got "
                 f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
             )
+        on_cpu = out.device.type == "cpu"
+        if not on_cpu and backend in ("numba", "numpy"):  # CPU kernels, then copied over
+            with torch.no_grad():
+                out.copy_(generate_tensor(spec, index, dtype=out.dtype, backend=backend))
+            return out
         cpu_kernel = resolve_backend(backend, out.device) != "torch"
         if cpu_kernel and out.dtype in (torch.float16, torch.float32, torch.float64):
             generate(

@@ -347,7 +347,7 @@ class DeterministicInitCallback(Callback):
             # built on the meta device (or not built yet), to be sharded in configure_model,
             # which runs after this hook: the LightningModule calls materialize() there; else
             # on_fit_start initializes
-            log.info("model on the meta device: deterministic init deferred to materialize()")
+            log.info("model not built yet or on the meta device: init deferred to materialize()")
             return
         self._initialize(trainer, pl_module)
 

@@ -94,7 +94,9 @@ def _axis_coords(mesh, placements: tuple, axis: int, size: int) -> np.ndarray:
             )
     idx = torch.arange(size, dtype=torch.int64)
     local = distribute_tensor(idx, mesh, one_d, src_data_rank=None).to_local()
-    return local.cpu().numpy().astype(np.int64, copy=True)
+    coords = local.cpu().numpy().astype(np.int64, copy=True)
+    coords.flags.writeable = False  # cached and shared between callers
+    return coords
 
 
 def _is_shard_like(p: object) -> bool:

@@ -426,10 +426,10 @@ __all__ = [
     "RunInterruptedError",
     "RunStoppedError",
     "in_multirun",
-    "sweep_objective",
-    "train_job",
     "lightning_seed",
     "run_dir_of",
     "run_info",
+    "sweep_objective",
     "train",
+    "train_job",
 ]
