@@ -20,6 +20,8 @@ DELTA_HIST_CSV = "delta_histograms.csv"
 RUN_INFO_JSON = "run_info.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
+DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a DCP folder (written last)
+DCP_META = "meta.pt"  # Lightning's, in a DCP folder: the checkpoint less model and optimizer
 FIGURE_DIR = "figures"
 WANDB_DIR = "wandb"
 LOCK_FILE = ".lock"  # fcntl.flock by the one process writing the run (its PID inside)
@@ -130,6 +132,13 @@ def _is_full(exc: OSError) -> bool:
 
 
 TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ``.<name>.<random>.tmp`` beside the target
+
+
+def is_dcp_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete DCP checkpoint folder (its ``.metadata`` and
+    ``meta.pt``), as ``trainer=fsdp2`` writes with ``save_distributed_checkpoint=true``."""
+    path = Path(path)
+    return path.is_dir() and (path / DCP_INDEX).is_file() and (path / DCP_META).is_file()
 
 
 def remove_stale_temps(root: str | os.PathLike, exclude: tuple[str, ...] = ()) -> list[Path]:

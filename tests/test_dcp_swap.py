@@ -28,11 +28,10 @@ from cdi_experiments.lightning.checkpoint_io import (
     recover_checkpoint_dir,
     swap_paths,
 )
-from cdi_experiments.paths import RunPaths
+from cdi_experiments.paths import RunPaths, is_dcp_folder
 from cdi_experiments.run.checkpoint import (
     CheckpointError,
     check_checkpoint_path,
-    is_distributed_checkpoint,
     load_distributed_checkpoint,
 )
 from cdi_experiments.run.lock import RunLockedError
@@ -91,7 +90,7 @@ def test_strategy_save_replaces_the_folder_whole(tmp_path: Path) -> None:
     last = tmp_path / "last.ckpt"
     for epoch in (0, 1, 2):
         save(strategy(), last, epoch)
-        assert is_distributed_checkpoint(last) and epoch_of(last) == epoch
+        assert is_dcp_folder(last) and epoch_of(last) == epoch
         assert names(tmp_path) == ["last.ckpt"]  # no sibling left behind
         assert names(last) == [".metadata", "__0_0.distcp", "meta.pt"]
 

@@ -27,11 +27,8 @@ from cdi_experiments.lightning.callback import DeterministicInitCallback
 from cdi_experiments.lightning.fingerprint import weights_fingerprint
 from cdi_experiments.modules import analyze_module, canonical_named_parameters, init_module
 from cdi_experiments.modules.plan import tensors_sha256
-from cdi_experiments.run.checkpoint import (
-    CheckpointError,
-    is_distributed_checkpoint,
-    load_checkpoint,
-)
+from cdi_experiments.paths import is_dcp_folder
+from cdi_experiments.run.checkpoint import CheckpointError, load_checkpoint
 from cdi_experiments.run.prune_stage import load_run, prune_checkpoint
 from cdi_experiments.run.schema import ConfigError, check_config, task_config
 
@@ -162,7 +159,7 @@ def test_fsdp2_mlp_init_awake_counts_and_prune(tmp_path: Path) -> None:
         ckpt = run / "checkpoints" / f"epoch={epoch}.ckpt"
         assert_rows_match_offline_analysis(layers.query(f"epoch == {epoch}"), ckpt)
     last = run / "checkpoints" / "last.ckpt"
-    assert last.is_file() and not is_distributed_checkpoint(last)  # one full state dict
+    assert last.is_file() and not is_dcp_folder(last)  # one full state dict
     # The run's own prune stage (rank 0, on the model gathered back after fit) and cdi-prune
     # on the checkpoint prune the same weights against the same w0: the same table.
     in_run = pd.read_csv(run / "prune_results.csv")
@@ -175,7 +172,7 @@ def test_fsdp2_cnn_distributed_checkpoint_and_resume(tmp_path: Path) -> None:
     run = fsdp2_run(tmp_path, *args, "trainer.max_epochs=1")
     assert_init_is_the_single_process_one(run)
     last = run / "checkpoints" / "last.ckpt"
-    assert is_distributed_checkpoint(last)
+    assert is_dcp_folder(last)
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     # written beside it and swapped in: nothing else is left in checkpoints/
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]

@@ -52,12 +52,10 @@ from typing import Any, NamedTuple
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.strategies import ModelParallelStrategy
 
-from cdi_experiments.paths import atomic_torch_save
+from cdi_experiments.paths import DCP_META, atomic_torch_save, is_dcp_folder
 
 log = logging.getLogger(__name__)
 
-DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index, written last (atomically)
-DCP_META = "meta.pt"  # Lightning's: the checkpoint less its model and optimizer states
 STEPS = ("new", "ready", "old", "trash")  # the hidden sibling folders of a swap, in order
 _SIBLING = re.compile(rf"^\.(?P<name>.+)\.dcp-(?:{'|'.join(STEPS)})$")
 
@@ -79,12 +77,6 @@ def swap_paths(path: str | os.PathLike) -> SwapPaths:
     """
     path = Path(path)
     return SwapPaths(*(path.with_name(f".{path.name}.dcp-{step}") for step in STEPS))
-
-
-def is_dcp_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a DCP checkpoint folder (its ``.metadata`` and ``meta.pt``)."""
-    path = Path(path)
-    return path.is_dir() and (path / DCP_INDEX).is_file() and (path / DCP_META).is_file()
 
 
 # The filesystem steps, one function each (the fault tests stop a run between them).

@@ -39,12 +39,10 @@ from typing import Any
 
 import torch
 
-from cdi_experiments.paths import CHECKPOINT_DIR, LAST_CKPT
+from cdi_experiments.paths import CHECKPOINT_DIR, DCP_INDEX, DCP_META, LAST_CKPT, is_dcp_folder
 from cdi_experiments.run.schema import ConfigError
 
 INIT_CALLBACK = "DeterministicInitCallback"
-DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a DCP folder
-DCP_META = "meta.pt"  # Lightning's: the checkpoint less its model and optimizer states
 _MAGIC = (b"PK\x03\x04", b"\x80")  # torch's zip format, a legacy torch.save pickle
 _GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]*\w)")
 
@@ -56,13 +54,6 @@ class CheckpointError(ConfigError):
     reports it the same way (one line, exit status 2)."""
 
 
-def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a DCP checkpoint folder (``.metadata`` and ``meta.pt`` in it), as
-    ``trainer=fsdp2`` writes with ``save_distributed_checkpoint=true``."""
-    path = Path(path)
-    return path.is_dir() and (path / DCP_INDEX).is_file() and (path / DCP_META).is_file()
-
-
 def check_checkpoint_path(path: str | os.PathLike) -> Path:
     """``path``, after checking it names an existing file or DCP folder (nothing is read).
 
@@ -71,7 +62,7 @@ def check_checkpoint_path(path: str | os.PathLike) -> Path:
             ``checkpoints/last.ckpt``) or does not exist.
     """
     path = Path(path)
-    if is_distributed_checkpoint(path):
+    if is_dcp_folder(path):
         return path
     if path.is_dir():
         raise CheckpointError(
@@ -157,7 +148,7 @@ def load_checkpoint(path: str | os.PathLike, fix: str, data: bytes | None = None
             ``torch.save(model.state_dict())``). One line, naming the file and ``fix``.
     """
     path = Path(path)
-    if data is None and is_distributed_checkpoint(path):
+    if data is None and is_dcp_folder(path):
         ckpt: Any = load_distributed_checkpoint(path, fix)
     else:
         ckpt = _torch_load(path, read_checkpoint_bytes(path) if data is None else data, fix)
@@ -391,7 +382,6 @@ __all__ = [
     "checkpoint_config",
     "checkpoint_sha256",
     "init_state",
-    "is_distributed_checkpoint",
     "load_checkpoint",
     "load_distributed_checkpoint",
     "read_checkpoint_bytes",

@@ -46,6 +46,7 @@ from cdi_experiments.paths import (
     atomic_torch_save,
     atomic_write_csv,
     atomic_write_text,
+    is_dcp_folder,
     remove_stale_temps,
 )
 from cdi_experiments.pruning import (
@@ -61,7 +62,6 @@ from cdi_experiments.run.checkpoint import (
     checkpoint_config,
     checkpoint_sha256,
     init_state,
-    is_distributed_checkpoint,
     load_checkpoint,
     read_checkpoint_bytes,
 )
@@ -454,7 +454,7 @@ def prune_checkpoint(
     """
     ckpt = Path(ckpt)
     # a file is read once (hashed, then loaded); a DCP folder (trainer=fsdp2) file by file
-    data = None if is_distributed_checkpoint(ckpt) else read_checkpoint_bytes(ckpt)
+    data = None if is_dcp_folder(ckpt) else read_checkpoint_bytes(ckpt)
     digest = hashlib.sha256(data).hexdigest() if data is not None else checkpoint_sha256(ckpt)
     key = invocation_key(digest, overrides)
     explicit = out is not None

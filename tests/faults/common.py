@@ -53,9 +53,14 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def tool(
-    name: str, args: Sequence[str], cwd: Path, extra_env: dict[str, str] | None = None
+    name: str,
+    args: Sequence[str],
+    cwd: Path,
+    extra_env: dict[str, str] | None = None,
+    new_session: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run console script ``name`` (``cdi-train``, ``cdi-prune``...) to completion."""
+    """Run console script ``name`` (``cdi-train``, ``cdi-prune``...) to completion; with
+    ``new_session``, in a process group of its own (which a fault may kill whole)."""
     return subprocess.run(
         [str(BIN / name), *map(str, args)],
         cwd=cwd,
@@ -63,6 +68,7 @@ def tool(
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
+        start_new_session=new_session,
     )
 
 

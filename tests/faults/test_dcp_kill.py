@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import Callback
 
 import cdi_experiments.lightning.checkpoint_io as cio
 from cdi_experiments.run.checkpoint import _dcp_tensors, _read_index
-from faults.common import BIN, TIMEOUT_S, TINY, compare_runs, differences, env, status_of, tail
+from faults.common import TINY, compare_runs, differences, status_of, tail, tool
 
 pytestmark = pytest.mark.faults
 
@@ -98,15 +98,8 @@ class KillInDcpSave(Callback):
 def train(run: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
     """``cdi-train TINY FSDP2_DCP hydra.run.dir=run`` in a session of its own."""
     extra = {"CDI_FAULT_DCP": fault, "CDI_FAULT_ONCE": str(run.parent / "fired")} if fault else {}
-    return subprocess.run(
-        [str(BIN / "cdi-train"), *TINY, *FSDP2_DCP, f"hydra.run.dir={run}"],
-        cwd=run.parent,
-        env=env(**extra),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        start_new_session=True,
-    )
+    args = [*TINY, *FSDP2_DCP, f"hydra.run.dir={run}"]
+    return tool("cdi-train", args, run.parent, extra, new_session=True)
 
 
 def checkpoint_tensors(folder: Path) -> dict:
