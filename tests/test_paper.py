@@ -80,6 +80,8 @@ def test_signal_frame_is_deterministic_per_seed() -> None:
     pd.testing.assert_frame_equal(a, b)
     s0, s1 = (a[a["seed"] == s]["act_std"].to_numpy() for s in (0, 1))
     assert not (s0 == s1).all()
+    with pytest.raises(ValueError, match=r"^signal_frame needs at least one of seeds; got none$"):
+        signal_frame(x, y, ["he"], seeds=[], depth=3, width=16)
 
 
 @pytest.mark.parametrize(

@@ -160,8 +160,12 @@ def signal_frame(
         Columns :data:`SIGNAL_COLUMNS`, one row per scheme x activation x seed x layer.
 
     Raises:
-        ValueError: an unknown scheme or activation, or a bad depth/width.
+        ValueError: an unknown scheme or activation, a bad depth/width, or nothing to
+            measure (no scheme, activation or seed).
     """
+    for what, given in (("schemes", schemes), ("activations", activations), ("seeds", seeds)):
+        if len(given) == 0:
+            raise ValueError(f"signal_frame needs at least one of {what}; got none")
     frames = []
     for activation in activations:
         for scheme in schemes:
