@@ -33,6 +33,7 @@ VOLATILE_JSON_KEYS = {
 }
 # Files whose text records the launch (timestamps, the config's shape), not results.
 LAUNCH_FILES = {
+    ".lock",  # the writer's PID
     "train.log",
     "hparams.yaml",
     ".hydra/config.yaml",
