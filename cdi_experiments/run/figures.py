@@ -208,6 +208,28 @@ def _band(ax: Axes, stats: pd.DataFrame, x: str, log_y: bool = False, **style: A
     return line
 
 
+def _epoch_bands(
+    ax: Axes,
+    sub: pd.DataFrame,
+    hue: str,
+    hues: Sequence[Any],
+    y: str,
+    handles: dict[str, Any],
+    **style: Any,
+) -> list[tuple[str, pd.DataFrame, Any]]:
+    """One :func:`_band` of ``y`` per epoch on a log axis for each of ``hues`` (the tensor
+    styles); the legend ``handles`` gain the lines drawn. Returns ``(value, stats, line)``
+    per hue, ``line`` None where nothing could be drawn."""
+    drawn = []
+    for k, value in enumerate(hues):
+        stats = _mean_std(sub[sub[hue] == value], "epoch", y)
+        line = _band(ax, stats, "epoch", log_y=True, **style, **_tensor_style(value, k))
+        if line is not None:
+            handles.setdefault(str(value), line)
+        drawn.append((str(value), stats, line))
+    return drawn
+
+
 def _log_axis(ax: Axes, which: str = "y") -> None:
     """A log axis with plain numbers (``0.1``, ``99.99``), not ``9.999 x 10^1``; minor ticks
     are labelled only when the axis spans less than a decade (else they would crowd)."""
@@ -410,17 +432,8 @@ def sleeping_share(
     handles: dict[str, Any] = {}
     hues = _ordered(rows[hue])
     for ax, (title, sub) in zip(axes.flat, panels, strict=False):
-        zero = []
-        for k, value in enumerate(hues):
-            stats = _mean_std(sub[sub[hue] == value], "epoch", "sleeping_pct")
-            if stats.empty:
-                continue
-            style = _tensor_style(value, k)
-            line = _band(ax, stats, "epoch", log_y=True, alpha=0.9, **style)
-            if (stats["mean"] <= 0).any():
-                zero.append(str(value))
-            if line is not None:
-                handles.setdefault(str(value), line)
+        drawn = _epoch_bands(ax, sub, hue, hues, "sleeping_pct", handles, alpha=0.9)
+        zero = [value for value, stats, _ in drawn if (stats["mean"] <= 0).any()]
         _log_axis(ax, "y")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("sleeping weights, % (log scale)")
@@ -454,15 +467,8 @@ def mean_delta(
     handles: dict[str, Any] = {}
     hues = _ordered(rows[hue])
     for ax, (title, sub) in zip(axes.flat, panels, strict=False):
-        still = []
-        for k, value in enumerate(hues):
-            stats = _mean_std(sub[sub[hue] == value], "epoch", "mean_delta")
-            style = _tensor_style(value, k)
-            line = _band(ax, stats, "epoch", log_y=True, **style)
-            if line is None and len(stats):
-                still.append(str(value))
-            elif line is not None:
-                handles.setdefault(str(value), line)
+        drawn = _epoch_bands(ax, sub, hue, hues, "mean_delta", handles)
+        still = [value for value, stats, line in drawn if line is None and len(stats)]
         _log_axis(ax, "y")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("mean |w - w0| (weight units, log scale)")
