@@ -390,6 +390,26 @@ def _tile_values(kind, cnt, states, a, b, p0, p1):
 
 
 @nb.njit(inline="always")
+def _part_start(e, base, axis_h, offs, sizes):
+    """A parallel part's value buffers and its walk from flat element ``e`` (see
+    :func:`_walk_start`)."""
+    a = np.empty(TILE, np.float64)
+    b = np.empty(TILE, np.float64)
+    work, idx = _walk_buffers(sizes.shape[0])
+    grouped, rs, col = _walk_start(e, base, axis_h, offs, sizes, work, idx)
+    return a, b, work, idx, grouped, rs, col
+
+
+@nb.njit(inline="always")
+def _draw_tile(kind, p0, p1, cnt, a, b, grouped, work, idx, rs, col, base, axis_h, offs, sizes):
+    """The float64 values of the next ``cnt`` elements of a walk into ``a``; returns the
+    walk's new ``(state, offset)``."""
+    rs, col = _walk_tile(grouped, work, idx, cnt, rs, col, base, axis_h, offs, sizes)
+    _tile_values(kind, cnt, work[_W_STATES], a, b, p0, p1)
+    return rs, col
+
+
+@nb.njit(inline="always")
 def _draw_parts(kind, base, axis_h, offs, sizes, p0, p1, out, n_parts):
     n = out.shape[0]
     part = (n + n_parts - 1) // n_parts
@@ -399,15 +419,12 @@ def _draw_parts(kind, base, axis_h, offs, sizes, p0, p1, out, n_parts):
         e1 = min(n, e + part)
         if e >= e1:
             continue
-        a = np.empty(TILE, np.float64)
-        b = np.empty(TILE, np.float64)
-        work, idx = _walk_buffers(sizes.shape[0])
-        grouped, rs, col = _walk_start(e, base, axis_h, offs, sizes, work, idx)
-        states = work[_W_STATES]
+        a, b, work, idx, grouped, rs, col = _part_start(e, base, axis_h, offs, sizes)
         while e < e1:
             cnt = min(TILE, e1 - e)
-            rs, col = _walk_tile(grouped, work, idx, cnt, rs, col, base, axis_h, offs, sizes)
-            _tile_values(kind, cnt, states, a, b, p0, p1)
+            rs, col = _draw_tile(
+                kind, p0, p1, cnt, a, b, grouped, work, idx, rs, col, base, axis_h, offs, sizes
+            )
             dst = out[e : e + cnt]
             for t in range(cnt):
                 dst[t] = a[t]
@@ -452,8 +469,8 @@ def delta_grid(
     """Summarize ``|w - w0|`` over a flat C-ordered block without materializing ``w0``.
 
     ``w0`` is drawn as in :func:`gaussian_grid` / :func:`uniform_grid` and rounded to
-    ``w0_like``'s dtype (``w``'s); the delta is taken in float64. Returns per-part ``(counts, sums, changed, hist)``: counts
-    ``[nan, zeros]``, sums ``[sum, max]`` of the non-NaN deltas, ``changed[k]`` the number of
+    ``w0_like``'s dtype (``w``'s); the delta is taken in float64. Returns per-part
+    ``(counts, sums, changed, hist)``: counts ``[nan, zeros]``, sums ``[sum, max]`` of the non-NaN deltas, ``changed[k]`` the number of
     ``not (delta <= thresholds[k])``, and ``hist`` np.histogram's counts of the deltas > 0
     over the first ``ne`` entries of ``edges`` (last bin closed), which are followed by
     ``steps`` entries of +inf. ``bin_of_exp[e]`` is the bin holding the smallest positive
@@ -477,8 +494,7 @@ def delta_grid(
         e1 = min(n, e + part)
         if e >= e1:
             continue
-        a = np.empty(TILE, np.float64)
-        b = np.empty(TILE, np.float64)
+        a, b, work, idx, grouped, rs, col = _part_start(e, base, axis_h, offs, sizes)
         w0 = np.empty(TILE, w0_like.dtype)
         acc = np.zeros(8, np.float64)
         slot = np.empty(TILE, np.int64)
@@ -489,13 +505,11 @@ def delta_grid(
         nan = 0
         zeros = 0
         at_last = 0
-        work, idx = _walk_buffers(sizes.shape[0])
-        grouped, rs, col = _walk_start(e, base, axis_h, offs, sizes, work, idx)
-        states = work[_W_STATES]
         while e < e1:
             cnt = min(TILE, e1 - e)
-            rs, col = _walk_tile(grouped, work, idx, cnt, rs, col, base, axis_h, offs, sizes)
-            _tile_values(kind, cnt, states, a, b, p0, p1)
+            rs, col = _draw_tile(
+                kind, p0, p1, cnt, a, b, grouped, work, idx, rs, col, base, axis_h, offs, sizes
+            )
             for t in range(cnt):
                 w0[t] = a[t]  # round to the weights' dtype
             wt = w[e : e + cnt]
